@@ -1,0 +1,148 @@
+"""Convert dialogues into packed training ids: step 1 of fine-tuning.
+
+    # the seed's command: reads data/test/ift_data.pkl, writes data/test/llama_ift_data_ids.pkl
+    python code/convert_data.py --tokenizer Abbey4799/kw-cutegpt-13b-ift-lora --max_length 2048 --out_data_path data/test/
+
+    # any dialogue file (.pkl, .json, .jsonl; Alpaca-style single-turn records too), a local tokenizer,
+    # the chat template for every turn, one dialogue per sample
+    python code/convert_data.py --tokenizer path/to/model --data_file my.jsonl --out_data_path out/ \
+        --template zh --max_dialogues_per_sample 1
+
+    # for full fine-tuning (finetune.py without --use_lora adds '<end>' as one special token)
+    python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --special_end_token
+
+Dialogues are shuffled and 1..--max_dialogues_per_sample of them joined into one multi-round
+sample (the seed's habit); each turn is rendered by prompt.py with a template drawn per turn
+(--template random) or pinned.  Labels are -100 on the meta prompt and every question; answers,
+the end marker and the closing eos are learned.  Whole samples are packed into rows of
+--max_length (longer ones are truncated and counted) and the start of every sample is recorded,
+with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, same bytes.
+"""
+import argparse
+import os
+import random
+import sys
+
+import config
+import data_io
+import dataset
+import prompt
+from data_io import DataError
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", default=config.LORA_MODEL,
+                        help="tokenizer: a local model directory or a Hugging Face id (default: %(default)s)")
+    parser.add_argument("--max_length", type=int, default=config.MAX_LENGTH,
+                        help="tokens per training row (default: %(default)s)")
+    parser.add_argument("--out_data_path", default="data/test/",
+                        help="folder that receives llama_ift_data_ids.pkl (and holds ift_data.pkl "
+                             "unless --data_file is given) (default: %(default)s)")
+    parser.add_argument("--data_file", default=None,
+                        help="dialogues to convert: .pkl, .json or .jsonl (default: OUT_DATA_PATH/ift_data.pkl)")
+    parser.add_argument("--seed", type=int, default=config.CONVERT_SEED,
+                        help="seed of the shuffle, the joining and the template choice (default: %(default)s)")
+    parser.add_argument("--max_dialogues_per_sample", type=int, default=config.MAX_DIALOGUES_PER_SAMPLE,
+                        help="join 1..N shuffled dialogues into one multi-round sample; 1 turns joining off "
+                             "(default: %(default)s)")
+    parser.add_argument("--template", default="random",
+                        help="'random' (a template drawn per turn, the seed's way) or one template for every "
+                             f"turn: {', '.join(prompt.template_names())} (default: %(default)s)")
+    parser.add_argument("--special_end_token", action="store_true",
+                        help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
+                             "(what full fine-tuning trains with)")
+    args = parser.parse_args(argv)
+    if args.max_length < 16:
+        parser.error("--max_length must be at least 16")
+    if args.max_dialogues_per_sample < 1:
+        parser.error("--max_dialogues_per_sample must be 1 or more")
+    if args.template != "random" and args.template not in prompt.template_names():
+        parser.error(f"--template {args.template!r} is unknown; use 'random' or one of {prompt.template_names()}")
+    if args.data_file is None:
+        args.data_file = os.path.join(args.out_data_path, "ift_data.pkl")
+    return args
+
+
+def load_tokenizer(path, special_end_token):
+    from model_loader import load_tokenizer as load
+
+    tokenizer = load(path, "--tokenizer")  # raises LoaderError (a DataError) naming the flag
+    if special_end_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": [config.END_MARKER]})
+    return tokenizer
+
+
+def convert(args, show_progress=True):
+    """Return the ids-file dict for ``args``."""
+    from tqdm import tqdm
+
+    dialogues = data_io.load_dialogues(args.data_file)
+    tokenizer = load_tokenizer(args.tokenizer, args.special_end_token)
+
+    rng = random.Random(args.seed)
+    samples = dataset.group_dialogues(dialogues, args.max_dialogues_per_sample, rng)
+    segment_count = sum(1 + 2 * len(turns) for turns in samples)
+    with tqdm(total=segment_count, desc="tokenizing", unit="seg", disable=not show_progress,
+              file=sys.stderr) as bar:
+        tokenized = dataset.tokenize_samples(tokenizer, samples, args.template, rng, progress=bar)
+    kept, truncated, dropped = dataset.truncate_samples(tokenized, args.max_length)
+    if not kept:
+        raise DataError(f"{args.data_file}: no sample has an answer token within --max_length "
+                        f"{args.max_length}; raise --max_length")
+    packed = dataset.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
+
+    real = sum(len(ids) for ids, _ in kept)
+    learned = sum(sum(1 for label in labels if label != dataset.IGNORE_INDEX) for _, labels in kept)
+    rows = len(packed["input_ids"])
+    counts = {
+        "dialogues": len(dialogues),
+        "turns": sum(len(d) for d in dialogues),
+        "samples": len(samples),
+        "truncated_samples": truncated,
+        "dropped_samples": dropped,
+        "rows": rows,
+        "real_tokens": real,
+        "learned_tokens": learned,
+        "pad_tokens": rows * args.max_length - real,
+        "real_token_share": real / (rows * args.max_length),
+    }
+    meta = {
+        "mode": "ift",
+        "tokenizer": dict(name=args.tokenizer, **dataset.tokenizer_fingerprint(tokenizer)),
+        "max_length": args.max_length,
+        "template": args.template,
+        "seed": args.seed,
+        "max_dialogues_per_sample": args.max_dialogues_per_sample,
+        "special_end_token": bool(args.special_end_token),
+        "data_file": os.path.basename(args.data_file),
+        "meta_prompt": config.META_PROMPT,
+        "end_marker": config.END_MARKER,
+        "turn_separator": config.TURN_SEPARATOR,
+        "turn_templates": config.TURN_TEMPLATES,
+        "input_templates": config.INPUT_TEMPLATES,
+        "pad_token_id": dataset.pad_token_id_of(tokenizer),
+        "counts": counts,
+    }
+    return dict(format=dataset.IDS_FORMAT, meta=meta, **packed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_file = os.path.join(args.out_data_path, "llama_ift_data_ids.pkl")
+    try:
+        data_io.check_writable_dir(args.out_data_path, "output folder (--out_data_path)")
+        result = convert(args)
+        data_io.atomic_write_pickle(out_file, result)
+    except DataError as e:
+        data_io.fail(str(e))
+    c = result["meta"]["counts"]
+    print(f"{c['dialogues']} dialogues ({c['turns']} turns) -> {c['samples']} samples -> {c['rows']} rows of "
+          f"{args.max_length} tokens; {c['truncated_samples']} samples truncated to max_length, "
+          f"{c['dropped_samples']} dropped (no answer left); {c['learned_tokens']} learned tokens; "
+          f"{100 * c['real_token_share']:.2f}% of row tokens are real")
+    print(f"wrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Safe reading and atomic writing of the project's files.
+
+- Every .pkl the project reads goes through ``RestrictedUnpickler``: plain containers and
+  scalars only.  A pickle that names any class or function (the way a malicious pickle runs code)
+  is refused before anything is called.
+- Dialogue files (.pkl, .json, .jsonl) are validated turn by turn; a bad one raises ``DataError``
+  naming the file, the dialogue index and the turn index.
+- Files and directories are written to a temporary name and renamed into place, so a crash or a
+  bad input never leaves half a file behind.
+"""
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+
+TURN_KEYS = ("instruction", "input", "output")
+
+
+class DataError(Exception):
+    """A user's file or argument is wrong; the message says which and how to fix it."""
+
+
+def fail(message, code=2):
+    """Print one clear error line and exit (no traceback for user mistakes)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# restricted unpickling
+# ----------------------------------------------------------------------------------------------
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, tuples, sets, str, bytes, int, float, bool and None only.
+
+    Those types are built by pickle opcodes directly; anything else needs ``find_class``, which
+    refuses every name, so no constructor or function named by the file is ever called.
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: this file may only hold lists, dicts and plain values"
+        )
+
+
+def safe_load_pickle(path):
+    """Load a pickle with ``RestrictedUnpickler``; raises DataError with the file name."""
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f).load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found")
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: unsafe or invalid pickle ({e})")
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})")
+
+
+def safe_loads_pickle(data):
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_pickle(path, obj):
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def atomic_directory(final_path):
+    """Yield a temporary directory beside ``final_path``; rename it into place on success.
+
+    On any exception the temporary directory is removed and ``final_path`` is left as it was.
+    An existing ``final_path`` is replaced only after the new one is complete.
+    """
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_path) + "-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(final_path):
+            old = tmp + ".old"
+            os.replace(final_path, old)
+            os.replace(tmp, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# dialogues
+# ----------------------------------------------------------------------------------------------
+def _read_json_records(path):
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg}); fix or remove that line")
+        return records
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+
+
+def load_dialogues(path):
+    """Read dialogues from .pkl, .json or .jsonl and validate them.
+
+    Accepted shapes: a list of dialogues, each a list of turns {'instruction', 'input', 'output'};
+    or Alpaca-style single-turn records {'instruction', 'input'?, 'output'} (each becomes a
+    one-turn dialogue; a missing 'input' means none).  Returns a list of lists of dicts.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (give a .pkl, .json or .jsonl file of dialogues)")
+    if path.endswith(".pkl"):
+        data = safe_load_pickle(path)
+    elif path.endswith(".json") or path.endswith(".jsonl"):
+        try:
+            data = _read_json_records(path)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text")
+    else:
+        raise DataError(f"{path}: unknown file type; use .pkl, .json or .jsonl")
+    return validate_dialogues(data, path)
+
+
+def validate_dialogues(data, path):
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of dialogues, found {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: holds no dialogues")
+    dialogues = []
+    for d_index, dialogue in enumerate(data):
+        if isinstance(dialogue, dict):  # Alpaca-style single-turn record
+            dialogue = [dict(dialogue, input=dialogue.get("input", ""))]
+        where = f"{path}: dialogue {d_index}"
+        if not isinstance(dialogue, list):
+            raise DataError(f"{where}: expected a list of turns, found {type(dialogue).__name__}")
+        if not dialogue:
+            raise DataError(f"{where}: empty dialogue (it needs at least one turn); remove it")
+        turns = []
+        for t_index, turn in enumerate(dialogue):
+            where_turn = f"{where}, turn {t_index}"
+            if not isinstance(turn, dict):
+                raise DataError(f"{where_turn}: expected a dict with keys {list(TURN_KEYS)}, found {type(turn).__name__}")
+            missing = [k for k in TURN_KEYS if k not in turn]
+            if missing:
+                raise DataError(f"{where_turn}: missing key(s) {missing}; every turn needs {list(TURN_KEYS)}")
+            for key in TURN_KEYS:
+                if not isinstance(turn[key], str):
+                    raise DataError(f"{where_turn}: field '{key}' must be a string, found {type(turn[key]).__name__}")
+            if not turn["instruction"].strip():
+                raise DataError(f"{where_turn}: empty 'instruction'; every turn needs a question")
+            if not turn["output"].strip():
+                raise DataError(f"{where_turn}: empty 'output'; every turn needs an answer to learn")
+            turns.append({k: turn[k] for k in TURN_KEYS})
+        dialogues.append(turns)
+    return dialogues
+
+
+def check_writable_dir(path, what="directory"):
+    """Raise DataError unless ``path`` exists (or can be created) and is writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot create the {what} ({e.strerror}); pick a writable path")
+    if not os.access(path, os.W_OK):
+        raise DataError(f"{path}: the {what} is not writable; pick a writable path")

@@ -1,0 +1,281 @@
+"""Datasets for finetune.py, and the sample building / packing that convert_data.py shares.
+
+Flow: dialogues -> samples (1..N dialogues joined into one multi-round conversation, rendered by
+prompt.py) -> token ids + labels (question tokens -100, answers + end marker learned, eos at the
+end) -> rows of max_length holding whole samples, with the start of every sample recorded.
+
+Every dataset yields dicts of 1-D tensors: input_ids, labels, attention_mask (1 real, 0 pad) and
+position_ids, which restart at 0 at the start of every sample.  finetune.py turns position_ids
+into a block-diagonal causal mask (``block_causal_mask``) so no token attends across samples.
+
+The --dataset_type names map to classes through DATASET_TYPES (never eval).
+"""
+import bisect
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+import config
+import prompt
+from data_io import DataError
+
+IDS_FORMAT = "cutegpt-ids/1"
+IGNORE_INDEX = -100
+# a fixed text whose ids fingerprint a tokenizer (recorded by convert_data, checked by training)
+TOKENIZER_PROBE = config.META_PROMPT + "问：Hello, 世界 123!\n答：" + config.END_MARKER
+
+
+# ----------------------------------------------------------------------------------------------
+# dialogues -> samples -> ids
+# ----------------------------------------------------------------------------------------------
+def group_dialogues(dialogues, max_dialogues_per_sample, rng):
+    """Shuffle dialogues and join 1..max_dialogues_per_sample of them into one multi-round sample."""
+    order = list(range(len(dialogues)))
+    rng.shuffle(order)
+    samples, begin = [], 0
+    while begin < len(order):
+        num = rng.randint(1, max_dialogues_per_sample)
+        samples.append([turn for i in order[begin:begin + num] for turn in dialogues[i]])
+        begin += num
+    return samples
+
+
+def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, progress=None):
+    """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)].
+
+    Segments of many samples are tokenized together in batches of ``batch_size`` texts (the fast
+    tokenizer's batch call), then reassembled per sample; eos closes every sample and is learned.
+    """
+    all_segments = [prompt.conversation_segments(turns, template=template, rng=rng) for turns in samples]
+    texts = [text for segments in all_segments for text, _ in segments]
+    token_lists = []
+    for start in range(0, len(texts), batch_size):
+        token_lists.extend(prompt.tokenize_segment_texts(tokenizer, texts[start:start + batch_size]))
+        if progress is not None:
+            progress.update(min(batch_size, len(texts) - start))
+    results, cursor = [], 0
+    for segments in all_segments:
+        input_ids, labels = [], []
+        for _, learned in segments:
+            ids = token_lists[cursor]
+            cursor += 1
+            input_ids.extend(ids)
+            labels.extend(ids if learned else [IGNORE_INDEX] * len(ids))
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+        results.append((input_ids, labels))
+    return results
+
+
+def truncate_samples(tokenized, max_length):
+    """Cut samples longer than max_length; drop those left with nothing to learn.
+
+    Returns (kept samples, number truncated, number dropped).
+    """
+    kept, truncated, dropped = [], 0, 0
+    for input_ids, labels in tokenized:
+        if len(input_ids) > max_length:
+            truncated += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        kept.append((input_ids, labels))
+    return kept, truncated, dropped
+
+
+def pack_samples(samples, max_length, pad_token_id):
+    """Pack whole samples into rows of max_length (best-fit decreasing), pad the rest.
+
+    Returns a dict of row lists: input_ids, labels, attention_mask, sample_starts.
+    Best-fit decreasing keeps padding small; rows are shuffled by the DataLoader anyway.
+    """
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i][0]), i))
+    rows = []            # list of lists of sample indices
+    free = []            # sorted list of (free space, row index)
+    for i in order:
+        length = len(samples[i][0])
+        pos = bisect.bisect_left(free, (length, -1))
+        if pos < len(free):
+            space, row = free.pop(pos)
+            rows[row].append(i)
+            bisect.insort(free, (space - length, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_length - length, len(rows) - 1))
+    packed = {"input_ids": [], "labels": [], "attention_mask": [], "sample_starts": []}
+    for members in rows:
+        input_ids, labels, starts = [], [], []
+        for i in members:
+            starts.append(len(input_ids))
+            input_ids.extend(samples[i][0])
+            labels.extend(samples[i][1])
+        real = len(input_ids)
+        pad = max_length - real
+        packed["input_ids"].append(input_ids + [pad_token_id] * pad)
+        packed["labels"].append(labels + [IGNORE_INDEX] * pad)
+        packed["attention_mask"].append([1] * real + [0] * pad)
+        packed["sample_starts"].append(starts)
+    return packed
+
+
+def pad_token_id_of(tokenizer):
+    """The id used for padding: the tokenizer's pad token, else eos (LLaMA has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def tokenizer_fingerprint(tokenizer):
+    return {
+        "vocab_size": len(tokenizer),
+        "probe_ids": tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"],
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# rows -> position ids -> attention mask
+# ----------------------------------------------------------------------------------------------
+def position_ids_for_row(sample_starts, max_length):
+    """Positions restart at 0 at each sample start; the padding tail counts as one more sample."""
+    positions = torch.empty(max_length, dtype=torch.long)
+    bounds = list(sample_starts) + [max_length]
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        positions[begin:end] = torch.arange(end - begin)
+    return positions
+
+
+def block_causal_mask(position_ids, dtype):
+    """Additive 4-D mask (batch, 1, L, L): token i sees token j iff j <= i in the same sample.
+
+    A sample starts wherever position_ids is 0.  0 where attention is allowed, the dtype's
+    minimum elsewhere, which SDPA and eager attention both accept as a custom mask.
+    """
+    starts = (position_ids == 0).long()
+    segment = torch.cumsum(starts, dim=-1)                           # (B, L) sample number
+    same = segment.unsqueeze(-1) == segment.unsqueeze(-2)             # (B, L, L)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def row_item(input_ids, labels, attention_mask, sample_starts, max_length):
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        "position_ids": position_ids_for_row(sample_starts, max_length),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------------
+class DatasetIds(Dataset):
+    """Pre-tokenized rows from convert_data.py's llama_ift_data_ids.pkl (the fast path)."""
+
+    def __init__(self, tokenizer, datas, max_length, source="the ids file", max_rows=-1, **kwargs):
+        super().__init__()
+        check_ids_file(datas, tokenizer, max_length, source)
+        self.max_length = max_length
+        count = len(datas["input_ids"]) if max_rows is None or max_rows < 0 else min(max_rows, len(datas["input_ids"]))
+        self.input_ids = datas["input_ids"][:count]
+        self.labels = datas["labels"][:count]
+        self.attention_mask = datas["attention_mask"][:count]
+        self.sample_starts = datas["sample_starts"][:count]
+        self.meta = datas["meta"]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, index):
+        return row_item(self.input_ids[index], self.labels[index], self.attention_mask[index],
+                        self.sample_starts[index], self.max_length)
+
+
+class GPT2Dataset_onlyres(Dataset):
+    """Dialogues tokenized at start-up and packed (whole samples per row), loss on answers only."""
+
+    def __init__(self, tokenizer, datas, max_length, template="random", seed=config.CONVERT_SEED,
+                 max_dialogues_per_sample=config.MAX_DIALOGUES_PER_SAMPLE, **kwargs):
+        super().__init__()
+        rng = random.Random(seed)
+        samples = group_dialogues(datas, max_dialogues_per_sample, rng)
+        tokenized, self.truncated, self.dropped = truncate_samples(
+            tokenize_samples(tokenizer, samples, template, rng), max_length)
+        packed = pack_samples(tokenized, max_length, pad_token_id_of(tokenizer))
+        self.max_length = max_length
+        self.input_ids = packed["input_ids"]
+        self.labels = packed["labels"]
+        self.attention_mask = packed["attention_mask"]
+        self.sample_starts = packed["sample_starts"]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, index):
+        return row_item(self.input_ids[index], self.labels[index], self.attention_mask[index],
+                        self.sample_starts[index], self.max_length)
+
+
+class BertDataset_onlyres(Dataset):
+    """One dialogue per row, padded to max_length (truncated if longer), loss on answers only."""
+
+    def __init__(self, tokenizer, datas, max_length, template="random", seed=config.CONVERT_SEED, **kwargs):
+        super().__init__()
+        rng = random.Random(seed)
+        tokenized, self.truncated, self.dropped = truncate_samples(
+            tokenize_samples(tokenizer, list(datas), template, rng), max_length)
+        self.samples = tokenized
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id_of(tokenizer)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        input_ids, labels = self.samples[index]
+        pad = self.max_length - len(input_ids)
+        return row_item(input_ids + [self.pad_token_id] * pad, labels + [IGNORE_INDEX] * pad,
+                        [1] * len(input_ids) + [0] * pad, [0], self.max_length)
+
+
+DATASET_TYPES = {
+    "DatasetIds": DatasetIds,
+    "GPT2Dataset_onlyres": GPT2Dataset_onlyres,
+    "BertDataset_onlyres": BertDataset_onlyres,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# ids-file checks
+# ----------------------------------------------------------------------------------------------
+def check_ids_file(datas, tokenizer, max_length, source):
+    """Refuse, with a clear DataError, an ids file made for another tokenizer or max_length."""
+    redo = "re-run code/convert_data.py with this model's tokenizer and --max_length"
+    if not isinstance(datas, dict) or datas.get("format") != IDS_FORMAT or "meta" not in datas:
+        raise DataError(f"{source}: not an ids file written by this project's code/convert_data.py "
+                        f"(format {IDS_FORMAT}); {redo}")
+    for key in ("input_ids", "labels", "attention_mask", "sample_starts"):
+        if not isinstance(datas.get(key), list):
+            raise DataError(f"{source}: field '{key}' is missing or not a list; {redo}")
+    meta = datas["meta"]
+    if meta.get("max_length") != max_length:
+        raise DataError(f"{source}: made for max_length {meta.get('max_length')}, training asks for "
+                        f"--max_length {max_length}; pass --max_length {meta.get('max_length')} or {redo} {max_length}")
+    if tokenizer is not None:
+        mine = tokenizer_fingerprint(tokenizer)
+        theirs = meta.get("tokenizer", {})
+        if theirs.get("vocab_size") != mine["vocab_size"] or theirs.get("probe_ids") != mine["probe_ids"]:
+            hint = ""
+            if theirs.get("vocab_size") == mine["vocab_size"] - 1 and meta.get("special_end_token") is False:
+                hint = (" (full fine-tuning adds '<end>' as a special token: convert with "
+                        "--special_end_token for it)")
+            elif theirs.get("vocab_size") == mine["vocab_size"] + 1 and meta.get("special_end_token"):
+                hint = " (this file has '<end>' as a special token, for full fine-tuning; drop --special_end_token for LoRA)"
+            raise DataError(f"{source}: made with tokenizer {theirs.get('name')!r} "
+                            f"(vocabulary {theirs.get('vocab_size')}), which differs from this model's "
+                            f"(vocabulary {mine['vocab_size']}){hint}; {redo}")
