@@ -282,6 +282,7 @@ def save_model(directory, vocab_size, hidden_size, num_layers, seed):
         num_key_value_heads=t["num_heads"],
         max_position_embeddings=t["max_position_embeddings"],
         rms_norm_eps=1e-6,
+        initializer_range=t["initializer_range"],
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,

@@ -182,5 +182,9 @@ TINY_MODEL = {
     "num_heads": 4,
     "intermediate_size": 344,    # ~ 8/3 x hidden, as LLaMA
     "max_position_embeddings": 2048,
+    # std of the random weights.  LLaMA's 0.02 suits 5120 dimensions; at 128 it leaves a random
+    # model whose layers barely mix tokens, and a rank-8 LoRA on q/v then cannot learn anything
+    # (measured: loss 7.1 -> 5.1 in 300 steps on 3 answers, vs -> 0.003 at 0.3).
+    "initializer_range": 0.3,
     "seed": 0,
 }

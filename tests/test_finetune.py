@@ -1,0 +1,247 @@
+"""finetune.py and finetune.sh on CPU with the tiny model: real learning (loss halves, answers
+memorised), data-parallel equivalence, packed-row isolation, checkpoints, and bad input."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO, SAMPLE_PKL, run_script
+
+import config
+import data_io
+import dataset
+
+MAX_LENGTH = 256
+LORA_EPOCHS = 8
+COPIES = 60   # each dialogue repeated, so one epoch is many optimizer steps (and few per-epoch checkpoints)
+
+
+def small_dialogues():
+    """The canned two-turn dialogue plus three short single-turn ones from the sample data."""
+    dialogues = data_io.load_dialogues(SAMPLE_PKL)
+    short = sorted((d for d in dialogues[1:] if len(d) == 1 and not d[0]["input"] and 15 <= len(d[0]["output"]) <= 30),
+                   key=lambda d: d[0]["instruction"])[:3]
+    return [dialogues[0]] + short
+
+
+def convert(tokenizer_dir, out_dir, dialogues, *extra):
+    path = os.path.join(out_dir, "dialogues.json")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dialogues, f, ensure_ascii=False)
+    run_script(["code/convert_data.py", "--tokenizer", tokenizer_dir, "--max_length", str(MAX_LENGTH),
+                "--out_data_path", out_dir, "--data_file", path, "--template", "zh",
+                "--max_dialogues_per_sample", "1", *extra], check=True)
+    return os.path.join(out_dir, "llama_ift_data_ids.pkl")
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "train_log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def greedy_answer(model, tokenizer, history, query):
+    import chat
+
+    ids = chat.encode_prompt(tokenizer, history, query)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=120, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
+    return text.split(config.END_MARKER)[0].replace("</s>", "").strip()
+
+
+def assert_memorised(model, tokenizer, dialogues):
+    canned = dialogues[0]
+    first = greedy_answer(model, tokenizer, [], canned[0]["instruction"])
+    assert first == canned[0]["output"]
+    second = greedy_answer(model, tokenizer, [(canned[0]["instruction"], first)], canned[1]["instruction"])
+    assert second == canned[1]["output"]
+
+
+@pytest.fixture(scope="module")
+def lora_data(tiny_model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora_data"))
+    return convert(tiny_model_dir, out, small_dialogues() * COPIES)
+
+
+def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    env = dict(os.environ, GPUS="0,1", MASTER_PORT="29731", MODEL_PATH=tiny_model_dir, DATA_PATH=lora_data,
+               SAVE_DIR=str(tmp_path / "ckp"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    import subprocess
+    proc = subprocess.run(["bash", "finetune.sh", "--max_length", str(MAX_LENGTH), "--max_epoches", str(LORA_EPOCHS),
+                           "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-2", "--warmup_steps", "5",
+                           "--lora_dropout", "0", "--no_progress", "--seed", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "attention: PyTorch SDPA (the flash_attn package is not installed" in proc.stdout
+    assert "ranks: 2" in proc.stdout
+    run_dir = tmp_path / "ckp" / "llama_lora"
+    history = losses(run_dir)
+    assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
+    # the seed's layout: one checkpoint per epoch, each a standard PEFT adapter + tokenizer + config
+    final = run_dir / f"llama_lora_epoch{LORA_EPOCHS - 1}"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_config.json"):
+        assert (final / name).exists(), name
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("llama_lora_epoch")) == \
+        sorted(f"llama_lora_epoch{e}" for e in range(LORA_EPOCHS))
+    assert not glob.glob(str(run_dir / ".tmp*"))
+    record = json.loads((run_dir / "training_config.json").read_text(encoding="utf-8"))
+    assert record["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 1
+    assert record["deepspeed_config"]["gradient_accumulation_steps"] == 2
+    assert record["deepspeed_config"]["zero_optimization"]["stage"] == 1
+    assert record["world_size"] == 2 and record["precision"] == "fp32"
+    assert (run_dir / "loss_curve.png").exists() and glob.glob(str(run_dir / "tensorboard" / "events.*"))
+    # plain PeftModel.from_pretrained loads it, and greedy decoding gives back the trained answers
+    tokenizer = AutoTokenizer.from_pretrained(str(final))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(final)).eval()
+    assert_memorised(model, tokenizer, small_dialogues())
+
+
+def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = convert(tiny_model_dir, str(tmp_path / "data"), small_dialogues() * COPIES, "--special_end_token")
+    proc = run_script(["code/finetune.py", "--model_path", tiny_model_dir, "--data_path", data,
+                       "--dataset_type", "DatasetIds", "--max_length", str(MAX_LENGTH), "--max_epoches", "4",
+                       "--save_dir", str(tmp_path / "ckp"), "--save_name", "full", "--micro_batch_size", "4",
+                       "--grad_accum", "1", "--lr", "3e-3", "--warmup_steps", "5", "--no_progress", "--seed", "1"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "added '<end>' as token" in proc.stdout and "ranks: 1" in proc.stdout
+    run_dir = tmp_path / "ckp" / "full"
+    history = losses(run_dir)
+    assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
+    final = run_dir / "full_epoch3"
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(str(final))
+    assert len(tokenizer("<end>", add_special_tokens=False)["input_ids"]) == 1
+    model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert_memorised(model, tokenizer, small_dialogues())
+
+
+def lora_weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, lora_data, tmp_path):
+    common = ["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data,
+              "--max_length", str(MAX_LENGTH), "--max_epoches", "1", "--max_steps", "3", "--lr", "1e-2",
+              "--warmup_steps", "1", "--lora_dropout", "0", "--no_progress", "--seed", "3", "--save_steps", "1000"]
+    import sys
+    runs = {
+        "two_ranks_mb1": (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"] + common
+                          + ["--micro_batch_size", "1", "--grad_accum", "1"]),
+        "one_rank_mb2": common + ["--micro_batch_size", "2", "--grad_accum", "1"],
+        "one_rank_mb1_accum2": common + ["--micro_batch_size", "1", "--grad_accum", "2"],
+    }
+    weights = {}
+    for name, args in runs.items():
+        args = args + ["--save_dir", str(tmp_path), "--save_name", name]
+        proc = run_script(args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        weights[name] = lora_weights(tmp_path / name / f"{name}_epoch0")
+    reference = weights["one_rank_mb2"]
+    initial_changed = False
+    for name, w in weights.items():
+        assert w.keys() == reference.keys()
+        for key in reference:
+            assert torch.allclose(w[key], reference[key], atol=1e-4, rtol=0), (name, key)
+            if "lora_B" in key and reference[key].abs().max() > 1e-3:
+                initial_changed = True  # lora_B starts at zero: the runs really trained
+    assert initial_changed
+
+
+def test_packed_row_loss_equals_samples_run_alone(tiny_model_dir, tiny_tokenizer):
+    """A packed row's token-mean loss equals the token-weighted loss of its samples run one by one."""
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    import prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    samples = []
+    for dialogue in small_dialogues():
+        ids, labels = prompt.encode_segments(tiny_tokenizer, prompt.conversation_segments(dialogue, template="zh"))
+        samples.append((ids + [tiny_tokenizer.eos_token_id], labels + [tiny_tokenizer.eos_token_id]))
+    packed = dataset.pack_samples(samples, 512, dataset.pad_token_id_of(tiny_tokenizer))
+    assert len(packed["input_ids"]) == 1 and len(packed["sample_starts"][0]) == 4
+    row = dataset.row_item(packed["input_ids"][0], packed["labels"][0], packed["attention_mask"][0],
+                           packed["sample_starts"][0], 512)
+    batch = {k: v.unsqueeze(0) for k, v in row.items()}
+    with torch.no_grad():
+        loss_sum, count = finetune.forward_loss_sum(model, batch, "sdpa", torch.float32)
+        alone_sum, alone_count = 0.0, 0
+        for ids, labels in samples:
+            single = dataset.row_item(ids, labels, [1] * len(ids), [0], len(ids))
+            s, n = finetune.forward_loss_sum(model, {k: v.unsqueeze(0) for k, v in single.items()}, "sdpa", torch.float32)
+            alone_sum, alone_count = alone_sum + float(s), alone_count + n
+        assert count == alone_count
+        assert abs(float(loss_sum) / count - alone_sum / alone_count) < 1e-4
+        # without the block mask (plain causal attention over the row) the samples leak into each other
+        leaky = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        leaky_sum = torch.nn.functional.cross_entropy(leaky[0, :-1], batch["labels"][0, 1:], ignore_index=-100,
+                                                      reduction="sum")
+        assert abs(float(leaky_sum) / count - alone_sum / alone_count) > 1e-3
+
+
+def test_end_token_embedding_starts_as_mean_of_its_pieces(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import finetune
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pieces = finetune.add_end_token(tokenizer)
+    assert pieces and len(pieces) > 1
+    before_in = model.get_input_embeddings().weight[pieces].mean(0).clone()
+    before_out = model.get_output_embeddings().weight[pieces].mean(0).clone()
+    new_id = finetune.init_end_embedding(model, tokenizer, pieces)
+    assert new_id == len(tokenizer) - 1 == model.get_input_embeddings().weight.shape[0] - 1
+    assert torch.allclose(model.get_input_embeddings().weight[new_id], before_in)
+    assert torch.allclose(model.get_output_embeddings().weight[new_id], before_out)
+    assert finetune.add_end_token(tokenizer) is None  # already one token: nothing added twice
+
+
+def bad_run(args):
+    proc = run_script(["code/finetune.py"] + args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_bad_inputs_stop_before_training(tiny_model_dir, lora_data, tmp_path):
+    base = ["--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data, "--max_length", str(MAX_LENGTH),
+            "--save_dir", str(tmp_path / "ckp")]
+    err = bad_run(base[:3] + ["--data_path", str(tmp_path / "missing.pkl"), "--max_length", "256"])
+    assert "--data_path" in err and "missing.pkl" in err and "convert_data.py" in err
+    err = bad_run(["--use_lora", "--model_path", str(tmp_path / "no_model"), "--data_path", lora_data,
+                   "--max_length", str(MAX_LENGTH), "--save_dir", str(tmp_path / "ckp")])
+    assert "--model_path" in err and "no_model" in err
+    err = bad_run(base[:-2] + ["--max_length", "128", "--save_dir", str(tmp_path / "ckp")])
+    assert "max_length 256" in err and "--max_length 128" in err
+    err = bad_run(base + ["--load_lora"])
+    assert "--load_lora needs --load_lora_path" in err
+    # full fine-tuning on data converted for LoRA: the vocabulary differs by the '<end>' token
+    err = bad_run(["--model_path", tiny_model_dir, "--data_path", lora_data, "--max_length", str(MAX_LENGTH),
+                   "--save_dir", str(tmp_path / "ckp")])
+    assert "--special_end_token" in err and "vocabulary" in err
+    # an ids file made with another tokenizer
+    other = str(tmp_path / "other_tok")
+    run_script(["code/build_tiny_model.py", "--data", SAMPLE_PKL, "--out", other, "--vocab_size", "900"], check=True)
+    other_data = convert(other, str(tmp_path / "other_data"), small_dialogues())
+    err = bad_run(base[:3] + ["--data_path", other_data, "--max_length", str(MAX_LENGTH), "--save_dir", str(tmp_path / "ckp")])
+    assert "tokenizer" in err and "convert_data.py" in err
+    # a save_dir that cannot be written
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = bad_run(base[:-2] + ["--save_dir", str(blocker / "sub")])
+    assert "--save_dir" in err
+    assert not (tmp_path / "ckp").exists() or not any((tmp_path / "ckp").rglob("*.safetensors"))
