@@ -93,7 +93,7 @@ def convert(args, show_progress=True):
     packed = dataset.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
 
     real = sum(len(ids) for ids, _ in kept)
-    learned = sum(sum(1 for label in labels if label != dataset.IGNORE_INDEX) for _, labels in kept)
+    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in kept)
     rows = len(packed["input_ids"])
     counts = {
         "dialogues": len(dialogues),

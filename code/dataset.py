@@ -54,6 +54,7 @@ def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENI
         token_lists.extend(prompt.tokenize_segment_texts(tokenizer, texts[start:start + batch_size]))
         if progress is not None:
             progress.update(min(batch_size, len(texts) - start))
+    eos = tokenizer.eos_token_id  # a property lookup per sample costs more than the packing
     results, cursor = [], 0
     for segments in all_segments:
         input_ids, labels = [], []
@@ -62,8 +63,8 @@ def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENI
             cursor += 1
             input_ids.extend(ids)
             labels.extend(ids if learned else [IGNORE_INDEX] * len(ids))
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
+        input_ids.append(eos)
+        labels.append(eos)
         results.append((input_ids, labels))
     return results
 
@@ -78,7 +79,7 @@ def truncate_samples(tokenized, max_length):
         if len(input_ids) > max_length:
             truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             dropped += 1
             continue
         kept.append((input_ids, labels))

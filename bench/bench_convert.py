@@ -1,0 +1,393 @@
+"""Data conversion speed: this project's batched fast tokenizer against the seed's one slow call per piece.
+
+    # the recorded benchmark (BENCHMARKS.md): 20,000 synthetic dialogues, tiny tokenizer built on the fly
+    python bench/bench_convert.py --dialogues 20000 --json bench_convert.json
+
+    # another tokenizer (a local model directory or a Hugging Face id holding tokenizer.model)
+    python bench/bench_convert.py --tokenizer path/to/model --dialogues 20000
+
+One process converts the same synthetic dialogues (a seeded mix of Chinese and English dialogues of
+1-5 turns, some turns with an input) three ways, back to back:
+
+1. this project: ``convert_data.convert(args)``, the real code path of ``code/convert_data.py``
+   (read the .jsonl, load the fast tokenizer, group, render with prompt.py, tokenize in batches of
+   config.TOKENIZE_BATCH texts, truncate, pack).  Nothing of it is re-implemented here.
+2. the seed's method: the same steps (same reading, same ``dataset.group_dialogues`` and
+   ``prompt.conversation_segments`` with an identically seeded rng, same truncation and packing), but
+   every segment is tokenized by its own call of a slow, sentencepiece-backed tokenizer:
+   ``transformers.SentencePieceBackend`` with ``legacy=True``, transformers 5's slow tokenizer class
+   (``tokenizer(piece, add_special_tokens=False)`` -> ``sp_model.encode(piece, out_type=str)`` ->
+   ``piece_to_id``, as transformers 4's slow ``LlamaTokenizer`` did; transformers 5 has no slow
+   ``LlamaTokenizer`` any more).
+3. a reference: the same, with a bare ``sentencepiece.SentencePieceProcessor.encode(piece)`` per
+   piece (what the slow class runs underneath, without its Python overhead).
+
+The packed rows (input_ids, labels, attention_mask, sample_starts) of 2 and 3 must equal the
+project's, and every segment's ids must equal the fast tokenizer's; otherwise the differing segments
+are counted (with how many start with a space) and the script exits 1.  It prints one table
+(seconds, dialogues/s, tokens/s, speed-up) and, with --json, writes the figures with date, machine,
+package versions and command.  Timings on a shared machine are noisy; the methods run in the same
+process one after the other, on the same input.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = os.path.join(REPO, "code")
+if CODE not in sys.path:
+    sys.path.insert(0, CODE)
+
+import config  # noqa: E402
+import convert_data  # noqa: E402
+import data_io  # noqa: E402
+import dataset  # noqa: E402
+import prompt  # noqa: E402
+from data_io import DataError  # noqa: E402
+
+SAMPLE_DATA = os.path.join(REPO, "data", "test", "ift_data.pkl")
+TARGET_SPEEDUP = 10.0
+
+# ----------------------------------------------------------------------------------------------
+# synthetic dialogues (fragments written for this benchmark, recombined by a seeded rng)
+# ----------------------------------------------------------------------------------------------
+ZH = {
+    "subject": ["我们", "这个项目", "小王", "研究小组", "一位老师", "这家小公司", "城市里的居民", "学生们",
+                "新来的同事", "图书馆", "社区医院", "我的邻居"],
+    "verb": ["需要改进", "希望了解", "正在讨论", "计划整理", "仔细分析了", "重新安排了", "比较了", "记录了",
+             "总结了", "关心"],
+    "object": ["数据的质量", "明天的天气", "三种不同的方案", "一份详细的报告", "下学期的课程", "旅行的路线",
+               "实验的结果", "健康的饮食习惯", "程序的结构", "古代的诗歌", "家里的预算", "公园的绿化"],
+    "adverbial": ["在过去的一年里", "为了节省时间", "经过仔细的思考", "按照老师的建议", "在周末的时候",
+                  "从长远来看", "和大家商量以后", "趁着天气好"],
+    "reason": ["因为这样更加清楚", "所以结果更可靠", "但是还需要更多数据", "而且成本不高", "这样大家都能参与"],
+    "question": ["请解释{object}。", "怎样才能{verb}{object}？", "{subject}为什么{verb}{object}？",
+                 "请列出{n}条关于{object}的建议。", "{subject}{adverbial}应该怎么做？", "用一句话概括{object}。",
+                 "请根据下面的内容回答问题。", "下面这段话的主要意思是什么？"],
+}
+EN = {
+    "subject": ["We", "The team", "My brother", "A small company", "The students", "Our teacher", "The city council",
+                "A new colleague", "The library", "Everyone in the village"],
+    "verb": ["improved", "discussed", "planned", "measured", "compared", "wrote down", "summarized", "reviewed",
+             "changed", "explained"],
+    "object": ["the quality of the data", "the weather tomorrow", "three different plans", "a detailed report",
+               "the course schedule", "the travel route", "the test results", "healthy eating habits",
+               "the structure of the program", "an old poem", "the family budget", "the new park"],
+    "adverbial": ["last year", "to save time", "after some careful thought", "as the teacher suggested",
+                  "on the weekend", "in the long run", "after talking with everyone", "while the weather was good"],
+    "reason": ["because it makes things clearer", "so the result is more reliable", "but more data is needed",
+               "and it does not cost much", "so that everyone can take part"],
+    "question": ["Explain {object}.", "How can we improve {object}?", "Why did {subject_l} review {object}?",
+                 "List {n} ideas about {object}.", "What should {subject_l} do {adverbial}?",
+                 "Summarize {object} in one sentence.", "Answer the question using the text below.",
+                 "What is the main point of the following passage?"],
+}
+
+
+def _fill(rng, words, template):
+    subject = rng.choice(words["subject"])
+    return template.format(subject=subject, subject_l=subject[0].lower() + subject[1:], verb=rng.choice(words["verb"]),
+                           object=rng.choice(words["object"]), adverbial=rng.choice(words["adverbial"]),
+                           n=rng.randint(2, 9))
+
+
+def _sentence(rng, words, zh):
+    subject, verb, obj = rng.choice(words["subject"]), rng.choice(words["verb"]), rng.choice(words["object"])
+    adverbial, reason = rng.choice(words["adverbial"]), rng.choice(words["reason"])
+    number = rng.randint(1, 2024)
+    if zh:
+        forms = [f"{subject}{adverbial}{verb}{obj}，{reason}。", f"{subject}{verb}{obj}。",
+                 f"{adverbial}，{subject}一共{verb}{number}次{obj}！", f"关于{obj}，{subject}{verb}不少细节；{reason}。"]
+    else:
+        forms = [f"{subject} {verb} {obj} {adverbial}, {reason}.", f"{subject} {verb} {obj}.",
+                 f"{adverbial.capitalize()}, {subject.lower()} {verb} {obj} {number} times!",
+                 f"About {obj}: {subject.lower()} {verb} many details; {reason}."]
+    return rng.choice(forms)
+
+
+def _answer(rng, words, zh):
+    count = rng.randint(1, 6)
+    sentences = [_sentence(rng, words, zh) for _ in range(count)]
+    if count > 2 and rng.random() < 0.3:  # a numbered list, one item per line
+        return "\n".join(f"{i}. {s}" for i, s in enumerate(sentences, 1))
+    return ("" if zh else " ").join(sentences)
+
+
+def synthetic_dialogues(count, seed):
+    """``count`` dialogues of 1-5 turns, Chinese or English (a few mixed), about 30% of turns with an input.
+
+    No text starts with a space (the fast and SentencePiece tokenizers differ only there)."""
+    rng = random.Random(seed)
+    dialogues = []
+    for _ in range(count):
+        zh = rng.random() < 0.55
+        turns = []
+        for _ in range(rng.randint(1, 5)):
+            # one turn in ten asks in the other language
+            words = ZH if (zh != (rng.random() < 0.1)) else EN
+            turn_zh = words is ZH
+            has_input = rng.random() < 0.3
+            instruction = _fill(rng, words, rng.choice(words["question"]))
+            input_text = "".join(_sentence(rng, words, turn_zh) for _ in range(rng.randint(1, 3))) if has_input else ""
+            turns.append({"instruction": instruction, "input": input_text, "output": _answer(rng, words, turn_zh)})
+        dialogues.append(turns)
+    return dialogues
+
+
+def write_jsonl(dialogues, path):
+    with open(path, "w", encoding="utf-8") as f:
+        for dialogue in dialogues:
+            f.write(json.dumps(dialogue, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the seed's method: one tokenizer call per piece
+# ----------------------------------------------------------------------------------------------
+def load_slow_tokenizer(directory):
+    """transformers 5's sentencepiece-backed slow tokenizer class, in legacy mode (the seed's LlamaTokenizer)."""
+    from transformers import SentencePieceBackend
+
+    tokenizer = SentencePieceBackend.from_pretrained(directory, legacy=True)
+    return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id, dataset.pad_token_id_of(tokenizer))
+
+
+def load_sentencepiece(directory):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+    return sp.encode, sp.eos_id(), sp.eos_id()  # LLaMA has no pad piece: eos pads, as pad_token_id_of says
+
+
+def convert_per_piece(args, load):
+    """convert_data.convert's steps, with one ``encode(piece)`` call per segment instead of batches.
+
+    Returns (packed rows, segment texts, segment ids)."""
+    dialogues = data_io.load_dialogues(args.data_file)
+    encode, eos_id, pad_id = load()
+    rng = random.Random(args.seed)
+    samples = dataset.group_dialogues(dialogues, args.max_dialogues_per_sample, rng)
+    tokenized, texts, segment_ids = [], [], []
+    for turns in samples:
+        input_ids, labels = [], []
+        # the rng is only drawn by conversation_segments, so sample by sample gives the same draws as
+        # dataset.tokenize_samples, which renders every sample first
+        for text, learned in prompt.conversation_segments(turns, template=args.template, rng=rng):
+            ids = encode(text)
+            texts.append(text)
+            segment_ids.append(ids)
+            input_ids.extend(ids)
+            labels.extend(ids if learned else [dataset.IGNORE_INDEX] * len(ids))
+        input_ids.append(eos_id)
+        labels.append(eos_id)
+        tokenized.append((input_ids, labels))
+    kept, _, _ = dataset.truncate_samples(tokenized, args.max_length)
+    packed = dataset.pack_samples(kept, args.max_length, pad_id)
+    return packed, texts, segment_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# bookkeeping
+# ----------------------------------------------------------------------------------------------
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "sentencepiece"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_tiny_tokenizer(out_dir):
+    proc = subprocess.run([sys.executable, os.path.join(CODE, "build_tiny_model.py"), "--data", SAMPLE_DATA,
+                           "--out", out_dir], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"building the tiny tokenizer failed ({proc.returncode}):\n{proc.stderr.strip()}")
+    return out_dir
+
+
+def timed(function, *args, **kwargs):
+    gc.collect()
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def compare(project, other):
+    """Names of the packed fields that differ."""
+    return [key for key in ("input_ids", "labels", "attention_mask", "sample_starts") if project[key] != other[key]]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dialogues", type=int, default=20000,
+                        help="synthetic dialogues to convert (default: %(default)s)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or Hugging Face id holding tokenizer.model (default: a tiny "
+                             "SentencePiece tokenizer built into a temporary folder by code/build_tiny_model.py "
+                             "from data/test/ift_data.pkl)")
+    parser.add_argument("--max_length", type=int, default=config.MAX_LENGTH,
+                        help="tokens per packed row, as convert_data.py --max_length (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic dialogues and of the conversion's shuffle, joining and "
+                             "template draws (default: %(default)s)")
+    parser.add_argument("--json", default=None, metavar="OUT.json",
+                        help="also write the figures, date, machine, versions and command to this JSON file")
+    args = parser.parse_args(argv)
+    if args.dialogues < 1:
+        parser.error("--dialogues must be at least 1")
+    if args.max_length < 16:
+        parser.error("--max_length must be at least 16")
+    return args
+
+
+def run(args, workdir):
+    import model_loader
+    import transformers  # noqa: F401  (imported before any clock starts: both methods need it)
+    import tqdm  # noqa: F401
+
+    if args.tokenizer is None:
+        print("building the tiny tokenizer (code/build_tiny_model.py) ...", flush=True)
+        tokenizer_dir = build_tiny_tokenizer(os.path.join(workdir, "tiny"))
+        tokenizer_name = "tiny SentencePiece BPE built by code/build_tiny_model.py from data/test/ift_data.pkl"
+    else:
+        tokenizer_dir = model_loader.resolve_path(args.tokenizer, "--tokenizer")
+        tokenizer_name = args.tokenizer
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.model")):
+        raise DataError(f"--tokenizer {args.tokenizer}: holds no tokenizer.model, which the seed's slow "
+                        f"tokenizer needs")
+
+    dialogues = synthetic_dialogues(args.dialogues, args.seed)
+    data_file = os.path.join(workdir, "dialogues.jsonl")
+    write_jsonl(dialogues, data_file)
+    turns = sum(len(d) for d in dialogues)
+    print(f"{len(dialogues)} synthetic dialogues ({turns} turns) -> {data_file}", flush=True)
+
+    # warm-up (untimed): the first tokenizer load of a process pays transformers' lazy imports (about 3 s
+    # here), which neither method's conversion work includes; load each tokenizer class once first
+    convert_data.load_tokenizer(tokenizer_dir, False)
+    load_slow_tokenizer(tokenizer_dir)
+
+    convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
+                                            "--data_file", data_file, "--out_data_path", workdir,
+                                            "--seed", str(args.seed)])
+
+    print("1/3 this project: convert_data.convert ...", flush=True)
+    project, project_s = timed(convert_data.convert, convert_args, show_progress=False)
+    print("2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
+    (slow, texts, slow_ids), slow_s = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
+    print("3/3 reference: bare sentencepiece, one call per piece ...", flush=True)
+    (bare, _, bare_ids), bare_s = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
+
+    # checks (untimed): whole packed rows, then segment by segment against the fast tokenizer
+    fast = convert_data.load_tokenizer(tokenizer_dir, False)
+    fast_ids = []
+    for start in range(0, len(texts), config.TOKENIZE_BATCH):
+        fast_ids.extend(prompt.tokenize_segment_texts(fast, texts[start:start + config.TOKENIZE_BATCH]))
+    differing = [i for i in range(len(texts)) if not (fast_ids[i] == slow_ids[i] == bare_ids[i])]
+    fields = {"seed_slow": compare(project, slow), "sentencepiece": compare(project, bare)}
+    identical = not differing and not any(fields.values())
+
+    counts = project["meta"]["counts"]
+    tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
+    methods = [
+        ("this project", "convert_data.convert: fast tokenizer, batches of %d texts" % config.TOKENIZE_BATCH, project_s),
+        ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_s),
+        ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_s),
+    ]
+    rows = [{"method": name, "how": how, "seconds": round(s, 3), "dialogues_per_s": round(len(dialogues) / s, 1),
+             "tokens_per_s": round(tokens / s), "speedup_of_project": round(s / project_s, 2)}
+            for name, how, s in methods]
+    speedup = slow_s / project_s
+    report = {
+        "benchmark": "bench/bench_convert.py",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
+        "versions": versions(),
+        "command": "python " + " ".join(["bench/bench_convert.py"] + sys.argv[1:]),
+        "tokenizer": tokenizer_name,
+        "tokenizer_vocab_size": len(fast),
+        "dialogues": len(dialogues),
+        "turns": turns,
+        "samples": counts["samples"],
+        "segments": len(texts),
+        "tokens": tokens,
+        "rows": counts["rows"],
+        "truncated_samples": counts["truncated_samples"],
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "results": rows,
+        "speedup_vs_seed": round(speedup, 2),
+        "speedup_vs_sentencepiece": round(bare_s / project_s, 2),
+        "target_speedup": TARGET_SPEEDUP,
+        "target_met": speedup >= TARGET_SPEEDUP,
+        "ids_identical": identical,
+        "segments_differing": len(differing),
+        "segments_differing_with_leading_space": sum(texts[i][:1] == " " for i in differing),
+        "packed_fields_differing": fields,
+    }
+    return report
+
+
+def print_report(report):
+    print()
+    print(f"{report['dialogues']} dialogues, {report['turns']} turns -> {report['samples']} samples, "
+          f"{report['segments']} segments, {report['tokens']} tokens -> {report['rows']} rows of "
+          f"{report['max_length']} ({report['truncated_samples']} samples truncated); tokenizer: {report['tokenizer']} "
+          f"(vocabulary {report['tokenizer_vocab_size']})")
+    header = f"{'method':<14} {'seconds':>9} {'dialogues/s':>12} {'tokens/s':>11} {'project x':>10}  how"
+    print(header)
+    print("-" * len(header))
+    for row in report["results"]:
+        print(f"{row['method']:<14} {row['seconds']:>9.2f} {row['dialogues_per_s']:>12,.0f} {row['tokens_per_s']:>11,} "
+              f"{row['speedup_of_project']:>9.1f}x  {row['how']}")
+    verdict = "met" if report["target_met"] else "NOT met"
+    print(f"speed-up over the seed's method: {report['speedup_vs_seed']:.1f}x (target >= {TARGET_SPEEDUP:.0f}x: "
+          f"{verdict}); over bare sentencepiece calls: {report['speedup_vs_sentencepiece']:.1f}x")
+    if report["ids_identical"]:
+        print(f"ids identical: yes (all {report['segments']} segments and every packed row)")
+    else:
+        print(f"ids identical: NO: {report['segments_differing']} segments differ "
+              f"({report['segments_differing_with_leading_space']} of them start with a space, where transformers 5's "
+              f"fast LlamaTokenizer adds no dummy '▁'); packed fields differing: {report['packed_fields_differing']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_convert_") as workdir:
+            report = run(args, workdir)
+    except DataError as e:
+        data_io.fail(str(e))
+    print_report(report)
+    if args.json:
+        data_io.atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0 if report["ids_identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
