@@ -266,13 +266,18 @@ def init_end_embedding(model, tokenizer, old_piece_ids):
     return new_id
 
 
-def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None):
+def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None, base_model=None):
+    """The model to train: the base from --model_path (or ``base_model``, as the benchmarks pass a
+    randomly initialised one), wrapped in LoRA or prepared for full fine-tuning."""
     from transformers import AutoModelForCausalLM
 
     from model_loader import resolve_path
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model_path, "--model_path"), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    if base_model is not None:
+        model = base_model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model_path, "--model_path"), dtype=dtype,
+                                                     attn_implementation=attn_implementation)
     model.config.use_cache = False
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model

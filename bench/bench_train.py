@@ -1,0 +1,641 @@
+"""Training speed of finetune.py's own LoRA step: tokens/s, TFLOP/s, peak memory, real-token share.
+
+    # CPU, tiny shape (config.TINY_MODEL): what CI runs, well under a minute
+    python bench/bench_train.py --shape tiny --steps 3 --warmup 1 --json /tmp/bench_train_tiny.json
+
+    # one GPU, the CuteGPT-13B shape (LLaMA-13B + 49,954-token vocabulary), bf16, 2 x 2048 tokens
+    python bench/bench_train.py --shape 13b --steps 6 --warmup 2 --json bench_train_13b.json
+
+    # the unattended GPU check (installs carried wheels, prints versions, runs the line above)
+    OUT=/tmp/out bash bench/gpu_train_check.sh
+
+What is timed is code/finetune.py itself, not a copy of it:
+
+- the arguments are ``finetune.parse_args([...])`` of the flags a LoRA run would get (--use_lora
+  --max_length --micro_batch_size --grad_accum --precision, plus the variant's own flags such as
+  --gradient_checkpointing or --use_flash_attention);
+- ``finetune.init_distributed`` (one process, no launcher), ``finetune.resolve_precision``,
+  ``finetune.resolve_ds_config`` (config.DS_CONFIG_lora with those overrides),
+  ``finetune.choose_attention``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
+  in convert_data.py's format), the DistributedSampler + DataLoader of ``finetune.main``,
+  ``finetune.build_model`` (use_cache off, peft LoRA with config.py's r/alpha/targets, gradient
+  checkpointing with use_reentrant=False), ``deepspeed.initialize`` with that config, and
+  ``finetune.train_step`` (block-diagonal causal mask for SDPA, summed loss / learned tokens,
+  engine.backward + engine.step) for every timed step.
+
+Two things differ from a real run, both outside the timed step:
+
+- weights: build_model gets a ``base_model`` made by ``AutoModelForCausalLM.from_config`` of the
+  shape's config (written as a config-only model directory in a temporary folder) with random weights, created directly on the target device
+  in the dtype finetune would load (bf16 on a GPU; fp32 on a CPU unless --precision says otherwise).
+  Speed does not depend on weight values, and nothing of 26 GB is written or read;
+- data: the rows are random token ids in synthetic samples (a question of 4..S/16 tokens, not learned,
+  then an answer of 8..S/2 tokens, log-uniform, learned, then eos), packed by ``dataset.pack_samples``
+  exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids .pkl.  So rows hold several samples,
+  position ids restart per sample and the block mask path runs; the share of real (non-pad) tokens of
+  the timed rows is reported.
+
+Variants (--variants, each in a fresh model and engine, memory freed in between) run on identical
+rows with identical seeds, so their losses must agree: a lever that changes speed or memory must not
+change the loss.  The per-step losses of every variant are compared with the first variant of the
+same --lora_dropout; a difference above --loss_tol makes the script exit 1 (after the table and JSON).
+
+Figures (after --warmup untimed steps; GPU work is synchronised before each clock read):
+
+- tokens/s: real (non-pad) tokens of the timed steps / their wall time; "all tok/s" counts pad too;
+- TFLOP/s: FLOPs per processed position (pad included: the GPU computes them) x positions / time,
+  with the formula printed; "model" leaves out activation recomputation, "hw" adds it;
+  "baseline formula" is the formula of /work/shared/bench/gpu_anchors.py, for a like-for-like
+  comparison with its H200 figures;
+- peak memory: torch.cuda.max_memory_allocated() since the variant's model was built (weights
+  included) on a GPU; on a CPU the process's peak resident set (getrusage), which only ever grows,
+  so later variants' figures include earlier ones.
+
+After the variants, one layer's attention alone (forward + backward, the run's shape and dtype) is
+timed twice: the causal kernel without a mask (what training without packing gets) and SDPA with
+finetune's block-diagonal mask; on a GPU also with each SDPA backend forced.  It shows what the
+mask costs.  A variant that fails (out of memory, say) is recorded with its error and the next one
+still runs (exit 1 at the end); the JSON is rewritten after every variant, so a time-out keeps what
+was measured.  Defaults: --seq_len 2048 for 13b and 512 for tiny, micro-batch 2, one micro-batch
+per optimizer step (--grad_accum 1, as the baseline), variants plain and checkpointing.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import resource
+import shlex
+import sys
+import tempfile
+import time
+import weakref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = os.path.join(REPO, "code")
+if CODE not in sys.path:
+    sys.path.insert(0, CODE)
+
+# the LLaMA-13B shape with CuteGPT's extended vocabulary (the shape of the H200 baseline)
+SHAPE_13B = {"vocab_size": 49954, "hidden_size": 5120, "num_layers": 40, "num_heads": 40, "num_kv_heads": 40,
+             "intermediate_size": 13824, "max_position_embeddings": 2048, "initializer_range": 0.02}
+
+# each variant is a set of finetune.py flags; checkpointing must not change the loss
+VARIANTS = {
+    "plain": [],
+    "checkpointing": ["--gradient_checkpointing"],
+    "flash": ["--use_flash_attention"],
+    "flash_checkpointing": ["--use_flash_attention", "--gradient_checkpointing"],
+    "no_lora_dropout": ["--lora_dropout", "0"],
+}
+DEFAULT_VARIANTS = "plain,checkpointing"
+
+# /work/shared/bench/h200_hf_baseline.json: plain transformers + peft on one H200, 13B shape, bf16,
+# LoRA r8 q/v, micro-batch 2 x 2048, SDPA, random tokens without padding, optimizer step every micro-batch
+BASELINE = {
+    "source": "/work/shared/bench/h200_hf_baseline.json (gpu_anchors.py, torch 2.11, transformers 5.17, peft 0.21)",
+    "plain": {"tokens_per_s": 7183.8, "tflops": 384.0, "peak_mem_GiB": 60.09},
+    "checkpointing": {"tokens_per_s": 5255.5, "tflops": 418.7, "peak_mem_GiB": 28.77},
+}
+
+REQUIRED = ("torch", "transformers", "peft", "deepspeed")
+OPTIONAL = ("bitsandbytes", "flash_attn", "liger_kernel", "torchao")
+
+
+def say(*args):
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# packages
+# ----------------------------------------------------------------------------------------------
+def check_packages():
+    """Import what the step needs; name any missing package (and what it is missing) and exit 2.
+
+    The optional packages are only looked up (their installed version), not imported.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    versions, missing = {}, []
+    for name in REQUIRED:
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "installed")
+        except Exception as e:  # ImportError, or a broken install raising something else
+            versions[name] = None
+            missing.append(f"{name} ({type(e).__name__}: {e})")
+    for name in OPTIONAL:
+        versions[name] = None
+        if importlib.util.find_spec(name) is not None:
+            try:
+                versions[name] = importlib.metadata.version(name.replace("_", "-"))
+            except importlib.metadata.PackageNotFoundError:
+                versions[name] = "installed"
+    say("packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in versions.items()))
+    if missing:
+        print("error: cannot run finetune.py's training step without: " + "; ".join(missing) +
+              ".  Install it (pip install -r requirements.txt; deepspeed also needs hjson, ninja, py-cpuinfo, "
+              "msgpack, einops, pydantic, psutil) and re-run.", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------
+# model shape, weights, data
+# ----------------------------------------------------------------------------------------------
+def shape_of(name):
+    if name == "13b":
+        return dict(SHAPE_13B)
+    import config
+
+    t = config.TINY_MODEL
+    return {"vocab_size": t["vocab_size"], "hidden_size": t["hidden_size"], "num_layers": t["num_layers"],
+            "num_heads": t["num_heads"], "num_kv_heads": t["num_heads"], "intermediate_size": t["intermediate_size"],
+            "max_position_embeddings": t["max_position_embeddings"], "initializer_range": t["initializer_range"]}
+
+
+def write_config_dir(shape, seq_len, directory):
+    """A config-only model directory (config.json) of the shape: what --model_path points at."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                max_position_embeddings=max(shape["max_position_embeddings"], seq_len), rms_norm_eps=1e-6,
+                initializer_range=shape["initializer_range"], bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                tie_word_embeddings=False).save_pretrained(directory)
+    return directory
+
+
+def random_base_model(model_dir, device, dtype, attn_implementation):
+    """A model of the shape saved in ``model_dir`` with random weights, built directly on ``device``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
+                                                attn_implementation=attn_implementation)
+
+
+def synthetic_samples(rng, vocab_size, seq_len, total_tokens, eos_id=2):
+    """(input_ids, labels) samples: a question (not learned), an answer and eos (learned)."""
+    samples, tokens = [], 0
+    low_id = 3  # <unk>, <s>, </s> are 0, 1, 2
+    while tokens < total_tokens:
+        q = rng.randint(4, max(4, seq_len // 16))
+        a = int(math.exp(rng.uniform(math.log(8), math.log(max(9, seq_len // 2)))))
+        a = max(1, min(a, seq_len - q - 1))
+        ids = [rng.randrange(low_id, vocab_size) for _ in range(q + a)] + [eos_id]
+        labels = [-100] * q + ids[q:]
+        samples.append((ids, labels))
+        tokens += len(ids)
+    return samples
+
+
+def write_ids_file(path, shape, seq_len, rows_needed, seed):
+    """Packed synthetic rows in convert_data.py's ids-file format (read back by dataset.DatasetIds)."""
+    import dataset
+
+    rng = random.Random(seed)
+    # a pool of rows larger than the run needs, as a real data set is: best-fit packing then fills
+    # rows as convert_data.py's does; the sampler draws the run's rows from the whole pool
+    pool_rows = max(4 * rows_needed, 32)
+    samples = synthetic_samples(rng, shape["vocab_size"], seq_len, int(pool_rows * seq_len * 0.97))
+    packed = dataset.pack_samples(samples, seq_len, pad_token_id=2)
+    while len(packed["input_ids"]) < rows_needed:   # the sampler draws from all rows: keep a few spare
+        samples += synthetic_samples(rng, shape["vocab_size"], seq_len, seq_len)
+        packed = dataset.pack_samples(samples, seq_len, pad_token_id=2)
+    datas = dict(packed, format=dataset.IDS_FORMAT,
+                 meta={"max_length": seq_len, "synthetic": "bench/bench_train.py", "samples": len(samples),
+                       "seed": seed, "tokenizer": None, "special_end_token": False})
+    with open(path, "wb") as f:
+        pickle.dump(datas, f, protocol=pickle.HIGHEST_PROTOCOL)
+    real = sum(sum(m) for m in packed["attention_mask"])
+    return {"rows": len(packed["input_ids"]), "samples": len(samples),
+            "real_token_share_all_rows": real / (len(packed["input_ids"]) * seq_len)}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------
+FORMULA = """FLOPs per position (S = seq_len, L layers, d hidden, f MLP, V vocabulary, kv = K/V width):
+  N_layers = L*(2*d*d + 2*d*kv + 3*d*f)   matmul weights of the decoder layers (frozen)
+  N_head   = V*d                           LM head (frozen; the embedding lookup is no matmul)
+  N_lora   = trainable LoRA parameters     (forward 2, input grad 2, weight grad 2 per parameter)
+  A        = 2*L*S*d                       causal attention forward (QK^T and AV, S/2 keys per query)
+  model    = 4*(N_layers + N_head) + 6*N_lora + 3*A
+             (frozen weights: forward 2N + input-grad backward 2N, no weight grad; attention backward = 2x forward)
+  hw       = model + [checkpointing] (2*N_layers + 2*N_lora + A)   the recomputed layer forwards
+  TFLOP/s  = FLOPs per position x positions (rows x S, pad included) / time / 1e12
+  baseline formula (gpu_anchors.py): (6 if ckpt else 4)*(P - 2*V*d) + 4*V*d + (3 if ckpt else 2)*2*L*S*d,
+             P = all base-model parameters (norms included)"""
+
+
+def flops_per_position(shape, seq_len, lora_params, base_params, checkpointing):
+    d, L, f, V = shape["hidden_size"], shape["num_layers"], shape["intermediate_size"], shape["vocab_size"]
+    kv = d // shape["num_heads"] * shape["num_kv_heads"]
+    n_layers = L * (2 * d * d + 2 * d * kv + 3 * d * f)
+    n_head = V * d
+    attn = 2 * L * seq_len * d
+    model = 4 * (n_layers + n_head) + 6 * lora_params + 3 * attn
+    hw = model + ((2 * n_layers + 2 * lora_params + attn) if checkpointing else 0)
+    baseline = ((6 if checkpointing else 4) * (base_params - 2 * V * d) + 4 * V * d
+                + (3 if checkpointing else 2) * 2 * L * seq_len * d)
+    return {"model": model, "hw": hw, "baseline_formula": baseline, "N_layers": n_layers, "N_head": n_head,
+            "N_lora": lora_params, "A": attn}
+
+
+# ----------------------------------------------------------------------------------------------
+# one variant
+# ----------------------------------------------------------------------------------------------
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS (CPU)"
+
+
+def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
+    import deepspeed
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    import finetune
+
+    argv = ["--use_lora", "--model_path", model_dir, "--data_path", data_path, "--dataset_type", "DatasetIds",
+            "--max_length", str(opts.seq_len), "--micro_batch_size", str(opts.micro_batch_size),
+            "--grad_accum", str(opts.grad_accum), "--precision", opts.precision, "--seed", str(opts.seed),
+            "--no_progress"] + VARIANTS[name]
+    args = finetune.parse_args(argv)
+    precision = finetune.resolve_precision(args.precision, device)
+    dtype = finetune.DTYPES[precision]
+    ds_config = finetune.resolve_ds_config(args, precision, device)
+    attn, attn_note = finetune.choose_attention(args.use_flash_attention, device)
+    result = {"variant": name, "flags": VARIANTS[name], "attention": attn, "attention_note": attn_note,
+              "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
+              "lora_dropout": args.lora_dropout}
+    if args.use_flash_attention and attn != "flash_attention_2":
+        result["skipped"] = attn_note
+        say(f"[{name}] skipped: {attn_note}")
+        return result, ds_config
+
+    # the data path of finetune.main
+    train_dataset = finetune.load_train_dataset(args, None)
+    micro_batch, grad_accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=0, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler, drop_last=True)
+    sampler.set_epoch(0)
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        result["mem_allocated_at_start_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
+    torch.manual_seed(args.seed)   # as finetune.main: same base weights and LoRA init in every variant
+    t0 = time.perf_counter()
+    model = finetune.build_model(args, None, dtype, attn,
+                                 base_model=random_base_model(model_dir, device, dtype, attn))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine.train()
+    sync(device)
+    result["setup_s"] = time.perf_counter() - t0
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    result.update(trainable_params=lora_params, base_params=base_params,
+                  checkpointing_active=any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()))
+
+    batches = iter(loader)
+    steps, losses, times, real, positions = opts.warmup + opts.steps, [], [], [], []
+    for step in range(steps):
+        group = [next(batches) for _ in range(grad_accum)]
+        sync(device)
+        start = time.perf_counter()
+        loss, real_tokens = finetune.train_step(engine, group, device, attn, dtype, world_size)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+        real.append(real_tokens)
+        positions.append(sum(int(b["input_ids"].numel()) for b in group))
+        say(f"[{name}] step {step + 1}/{steps}{' (warm-up)' if step < opts.warmup else ''}: "
+            f"loss {loss:.6f}, {times[-1]:.3f} s, {real_tokens} real tokens")
+
+    timed = slice(opts.warmup, steps)
+    seconds = sum(times[timed])
+    real_timed, pos_timed = sum(real[timed]), sum(positions[timed])
+    flops = flops_per_position(shape, opts.seq_len, lora_params, base_params, args.gradient_checkpointing)
+    peak, peak_kind = peak_memory(device)
+    result.update(
+        losses=losses, step_seconds=times, real_tokens=real, positions=positions,
+        seconds_per_step=seconds / opts.steps,
+        tokens_per_s=real_timed / seconds, all_tokens_per_s=pos_timed / seconds,
+        real_token_share=real_timed / pos_timed,
+        flops_per_position=flops,
+        tflops_model=flops["model"] * pos_timed / seconds / 1e12,
+        tflops_hw=flops["hw"] * pos_timed / seconds / 1e12,
+        tflops_baseline_formula=flops["baseline_formula"] * pos_timed / seconds / 1e12,
+        peak_mem_GiB=peak, peak_mem_kind=peak_kind)
+
+    # free everything before the next variant
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    model_ref = weakref.ref(model)
+    del engine, model, batches, group, loader, train_dataset
+    gc.collect()
+    result["model_freed"] = model_ref() is None   # nothing (DeepSpeed, peft, hooks) still holds the weights
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        result["mem_allocated_after_free_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
+    return result, ds_config
+
+
+# ----------------------------------------------------------------------------------------------
+# what the block mask costs: one layer's attention alone, forward + backward
+# ----------------------------------------------------------------------------------------------
+def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, reps=3):
+    """Seconds per forward+backward of one layer's SDPA at the run's shape: the causal kernel without
+    a mask (what plain causal training gets, flash-eligible) against finetune's block-diagonal mask
+    (dataset.block_causal_mask of the run's first micro-batch), with the default dispatch and with
+    each backend forced.  A failure is recorded, never raised."""
+    import torch
+    import torch.nn.functional as F
+
+    import dataset
+
+    heads, head_dim = shape["num_heads"], shape["hidden_size"] // shape["num_heads"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(micro_batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
+               .requires_grad_() for _ in range(3))
+    mask = dataset.block_causal_mask(position_ids.to(device), dtype)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    except ImportError:
+        sdpa_kernel, backends = None, {}
+
+    def timed(use_mask, backend):
+        context = sdpa_kernel([backends[backend]]) if backend else contextlib.nullcontext()
+        try:
+            with context:
+                for rep in range(reps + 1):
+                    if rep == 1:
+                        sync(device)
+                        start = time.perf_counter()
+                    out = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if use_mask
+                           else F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                    out.sum().backward()
+            sync(device)
+            return round((time.perf_counter() - start) / reps, 6)
+        except Exception as e:  # a backend that cannot take this input
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+    probe = {"what": "s per forward+backward of one layer's SDPA", "batch": micro_batch, "heads": heads,
+             "head_dim": head_dim, "seq_len": seq_len, "dtype": str(dtype)}
+    for label, use_mask in (("causal_no_mask", False), ("block_mask", True)):
+        probe[label] = {"default": timed(use_mask, None)}
+        if device.type == "cuda":
+            for name in backends:
+                probe[label][name] = timed(use_mask, name)
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def compare_losses(results, tol):
+    """Each variant's per-step losses against the first variant run with the same lora_dropout."""
+    refs, ok = {}, True
+    for r in results:
+        if "losses" not in r:
+            continue
+        ref = refs.setdefault(r["lora_dropout"], r)
+        diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+        r["loss_reference"] = ref["variant"]
+        r["loss_max_abs_diff"] = diff
+        r["loss_agrees"] = diff <= tol
+        ok = ok and r["loss_agrees"]
+    return ok
+
+
+def table(results, memory_unit):
+    head = ["variant", "attention", "ckpt", "s/step", "real tok/s", "all tok/s", "TFLOP/s model", "TFLOP/s hw",
+            "TFLOP/s base-formula", f"peak {memory_unit}", "real share", "loss step 1", "|dloss| max"]
+    rows = []
+    for r in results:
+        if "losses" not in r:
+            rows.append([r["variant"], "skipped (see below)" if "skipped" in r else "FAILED (see below)"]
+                        + [""] * (len(head) - 2))
+            continue
+        rows.append([r["variant"], r["attention"], "yes" if r["gradient_checkpointing"] else "no",
+                     f"{r['seconds_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['all_tokens_per_s']:,.0f}",
+                     f"{r['tflops_model']:.3g}", f"{r['tflops_hw']:.3g}", f"{r['tflops_baseline_formula']:.3g}",
+                     f"{r['peak_mem_GiB']:.2f}", f"{r['real_token_share']:.1%}", f"{r['losses'][0]:.6f}",
+                     f"{r['loss_max_abs_diff']:.1e} vs {r['loss_reference']}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def machine_info(device):
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_GiB"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["tiny", "13b"], default="tiny",
+                   help="model shape: tiny = config.TINY_MODEL (CPU, CI); 13b = LLaMA-13B with the 49,954-token "
+                        "vocabulary (needs a GPU with ~60 GiB free) (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="tokens per row, finetune's --max_length (default: 2048 for 13b, 512 for tiny)")
+    p.add_argument("--micro_batch_size", type=int, default=2, help="rows per forward pass (default: %(default)s)")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per optimizer step, i.e. per timed step (default: %(default)s: an optimizer "
+                        "step after every micro-batch, as the baseline; config.py trains with 8)")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: %(default)s)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated, run in this order, each in a fresh model and engine; known: "
+                        f"{', '.join(VARIANTS)} (default: %(default)s)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="shorthand for --variants checkpointing (only the checkpointing variant)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="finetune.py's --precision: auto = bf16 on a GPU that has it, else fp32 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=10, help="seed of the weights, LoRA init, data and order (default: %(default)s)")
+    p.add_argument("--loss_tol", type=float, default=1e-3,
+                   help="largest allowed per-step loss difference between variants (default: %(default)s)")
+    p.add_argument("--json", default="", help="write the figures, settings and versions to this JSON file")
+    opts = p.parse_args(argv)
+    if opts.gradient_checkpointing:
+        opts.variants = "checkpointing"
+    opts.variant_list = [v.strip() for v in opts.variants.split(",") if v.strip()]
+    unknown = [v for v in opts.variant_list if v not in VARIANTS]
+    if unknown or not opts.variant_list:
+        p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    if opts.seq_len is None:
+        opts.seq_len = 2048 if opts.shape == "13b" else 512
+    for name in ("seq_len", "micro_batch_size", "grad_accum", "steps"):
+        if getattr(opts, name) < 1:
+            p.error(f"--{name} must be 1 or more")
+    if opts.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    return opts
+
+
+def write_json(path, report):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    started = time.perf_counter()
+    versions = check_packages()
+    import logging
+
+    import torch
+
+    import finetune
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _, world_size, device = finetune.init_distributed()
+    if world_size != 1:
+        print("error: run bench_train.py as one process (no launcher)", file=sys.stderr)
+        return 2
+    if opts.shape == "13b" and device.type != "cuda":
+        print("error: --shape 13b needs a CUDA GPU (about 60 GiB); use --shape tiny on a CPU", file=sys.stderr)
+        return 2
+    shape = shape_of(opts.shape)
+    machine = machine_info(device)
+    memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
+    say(f"device: {device} ({machine.get('gpu') or machine.get('cpu')}); "
+        f"shape {opts.shape}: {shape}; rows {opts.micro_batch_size} x {opts.seq_len} tokens, "
+        f"grad_accum {opts.grad_accum}, {opts.warmup} warm-up + {opts.steps} timed steps per variant")
+    results = []
+    report = {
+        "benchmark": "bench/bench_train.py",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python bench/bench_train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine, "versions": dict(versions, torch=torch.__version__),
+        "device": str(device), "shape_name": opts.shape, "shape": shape, "seq_len": opts.seq_len,
+        "micro_batch_size": opts.micro_batch_size, "grad_accum": opts.grad_accum, "steps": opts.steps,
+        "warmup": opts.warmup, "seed": opts.seed, "data": None, "deepspeed_config": None,
+        "flops_formula": FORMULA, "memory": memory_unit, "loss_tol": opts.loss_tol, "losses_agree": None,
+        "complete": False, "baseline": None, "variants": results, "attention_probe": None, "wall_s": None,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        model_dir = write_config_dir(shape, opts.seq_len, os.path.join(tmp, "model"))
+        data_path = os.path.join(tmp, "llama_ift_data_ids.pkl")
+        rows_needed = (opts.warmup + opts.steps) * opts.grad_accum * opts.micro_batch_size
+        report["data"] = data_info = write_ids_file(data_path, shape, opts.seq_len, rows_needed, opts.seed)
+        say(f"data: {data_info['samples']} synthetic samples packed into {data_info['rows']} rows "
+            f"({data_info['real_token_share_all_rows']:.1%} real tokens); {rows_needed} rows used")
+        for name in opts.variant_list:
+            try:
+                result, ds = run_variant(name, opts, shape, model_dir, data_path, device, world_size)
+                report["deepspeed_config"] = report["deepspeed_config"] or ds
+            except Exception as e:   # e.g. out of memory: record it, free, and go on with the next variant
+                import traceback
+
+                traceback.print_exc()
+                result = {"variant": name, "flags": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000]}
+            results.append(result)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            report["wall_s"] = time.perf_counter() - started
+            write_json(opts.json, report)   # what is measured so far survives a later crash or time-out
+        ran = [r for r in results if "losses" in r]
+        if ran:
+            import data_io
+            import dataset
+
+            rows = dataset.DatasetIds(None, data_io.safe_load_pickle(data_path), opts.seq_len)
+            position_ids = torch.stack([rows[i]["position_ids"] for i in range(opts.micro_batch_size)])
+            report["attention_probe"] = attention_probe(shape, opts.seq_len, opts.micro_batch_size,
+                                                        finetune.DTYPES[ran[0]["precision"]], device, position_ids)
+
+    losses_agree = compare_losses(results, opts.loss_tol)
+    failed = [r for r in results if "error" in r]
+    say("")
+    say(FORMULA)
+    say("")
+    say(table(results, memory_unit))
+    if ran:
+        say(f"{ran[0]['attention_note']}; precision {ran[0]['precision']}; "
+            f"trainable (LoRA) parameters {ran[0]['trainable_params']:,}; base parameters {ran[0]['base_params']:,}")
+    if (opts.shape == "13b" and device.type == "cuda" and opts.seq_len == 2048 and opts.micro_batch_size == 2
+            and opts.grad_accum == 1):
+        report["baseline"] = BASELINE
+        for r in ran:
+            ref = BASELINE["checkpointing" if r["gradient_checkpointing"] else "plain"]
+            r["vs_baseline"] = {"all_tokens_per_s_ratio": r["all_tokens_per_s"] / ref["tokens_per_s"],
+                                "peak_mem_ratio": r["peak_mem_GiB"] / ref["peak_mem_GiB"]}
+            say(f"vs baseline ({'ckpt' if r['gradient_checkpointing'] else 'no ckpt'}: {ref['tokens_per_s']:,.0f} tok/s, "
+                f"{ref['peak_mem_GiB']} GiB): {r['variant']} all tok/s x{r['vs_baseline']['all_tokens_per_s_ratio']:.2f}, "
+                f"peak memory x{r['vs_baseline']['peak_mem_ratio']:.2f}")
+    for r in results:
+        if "skipped" in r:
+            say(f"{r['variant']} skipped: {r['skipped']}")
+        if "error" in r:
+            say(f"{r['variant']} FAILED: {r['error'][:500]}")
+    probe = report["attention_probe"]
+    if probe:
+        fmt = lambda x: f"{x * 1e3:.2f} ms" if isinstance(x, float) else x  # noqa: E731
+        say(f"attention alone (one layer, forward+backward, {probe['dtype']}): causal without mask "
+            f"{fmt(probe['causal_no_mask']['default'])}, finetune's block mask {fmt(probe['block_mask']['default'])}"
+            + ("" if device.type != "cuda" else "; forced backends (causal | block mask): " + ", ".join(
+                f"{name} {fmt(probe['causal_no_mask'][name])} | {fmt(probe['block_mask'][name])}"
+                for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"])))
+    say(f"losses agree across variants (tolerance {opts.loss_tol:g}): {'yes' if losses_agree else 'NO'}")
+
+    report.update(losses_agree=losses_agree, complete=not failed, wall_s=time.perf_counter() - started)
+    write_json(opts.json, report)
+    if opts.json:
+        say(f"wrote {opts.json}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if failed:
+        print(f"error: variant(s) failed: {', '.join(r['variant'] for r in failed)}", file=sys.stderr)
+        return 1
+    if not losses_agree:
+        print(f"error: a variant changed the loss by more than {opts.loss_tol:g} (see |dloss| max)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""bench/bench_train.py on CPU (tiny shape): it runs finetune.py's own step end to end, reports
+positive speed figures for both variants, and gradient checkpointing leaves the loss unchanged.
+
+Speed is not asserted: it depends on the machine and its load.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import REPO, run_script
+
+BENCH = os.path.join(REPO, "bench", "bench_train.py")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_rows_are_packed_with_several_samples(tmp_path):
+    import data_io
+    import dataset
+
+    bench = load_bench()
+    shape = bench.shape_of("tiny")
+    path = str(tmp_path / "ids.pkl")
+    info = bench.write_ids_file(path, shape, 512, rows_needed=8, seed=3)
+    datas = data_io.safe_load_pickle(path)          # the reader finetune.py uses
+    rows = dataset.DatasetIds(None, datas, 512)
+    assert len(rows) == info["rows"] >= 8
+    assert 0.5 < info["real_token_share_all_rows"] < 1.0
+    assert sum(len(starts) > 1 for starts in datas["sample_starts"]) >= len(rows) // 2   # packed rows
+    item = rows[0]
+    assert int((item["position_ids"] == 0).sum()) >= len(datas["sample_starts"][0])
+    assert int(item["input_ids"].max()) < shape["vocab_size"]
+    learned = item["labels"] != dataset.IGNORE_INDEX
+    assert 0 < int(learned.sum()) < int(item["attention_mask"].sum())
+    again = str(tmp_path / "again.pkl")
+    bench.write_ids_file(again, shape, 512, rows_needed=8, seed=3)
+    assert data_io.safe_load_pickle(again) == datas
+
+
+def test_flops_formula_reproduces_the_baseline_figures():
+    """The baseline formula column, fed the H200 baseline's tokens/s, gives its TFLOP/s (384.0 and 418.7)."""
+    bench = load_bench()
+    s = bench.SHAPE_13B
+    d, L, f, V = s["hidden_size"], s["num_layers"], s["intermediate_size"], s["vocab_size"]
+    params = 2 * V * d + L * (4 * d * d + 3 * d * f + 2 * d) + d     # LlamaForCausalLM, untied embeddings
+    lora = L * 2 * 8 * (d + d)                                        # r 8 on q_proj and v_proj
+    for ckpt, name in ((False, "plain"), (True, "checkpointing")):
+        flops = bench.flops_per_position(s, 2048, lora, params, ckpt)
+        base = bench.BASELINE[name]
+        assert abs(flops["baseline_formula"] * base["tokens_per_s"] / 1e12 - base["tflops"]) < 0.1
+        assert flops["hw"] >= flops["model"]
+        assert (flops["hw"] > flops["model"]) == ckpt
+
+
+def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
+    out = tmp_path / "bench_train.json"
+    proc = run_script(["bench/bench_train.py", "--shape", "tiny", "--steps", "3", "--warmup", "1",
+                       "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "losses agree across variants (tolerance 0.001): yes" in proc.stdout
+    assert "TFLOP/s" in proc.stdout and "FLOPs per position" in proc.stdout
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["command"].startswith("python bench/bench_train.py --shape tiny")
+    assert report["shape_name"] == "tiny" and report["device"] == "cpu"
+    assert report["losses_agree"] is True
+    variants = {v["variant"]: v for v in report["variants"]}
+    assert list(variants) == ["plain", "checkpointing"]
+    plain, ckpt = variants["plain"], variants["checkpointing"]
+    assert plain["checkpointing_active"] is False and ckpt["checkpointing_active"] is True
+    for v in (plain, ckpt):
+        assert v["model_freed"] is True     # the next variant starts from a clean slate
+        assert v["attention"] == "sdpa"
+        assert v["tokens_per_s"] > 0 and v["all_tokens_per_s"] >= v["tokens_per_s"]
+        assert v["tflops_model"] > 0 and v["peak_mem_GiB"] > 0
+        assert 0.5 < v["real_token_share"] <= 1.0
+        assert len(v["losses"]) == 4 and all(loss > 0 for loss in v["losses"])
+    # identical data and seeds: checkpointing must not change the loss
+    assert len(plain["losses"]) == len(ckpt["losses"])
+    for a, b in zip(plain["losses"], ckpt["losses"]):
+        assert abs(a - b) <= 1e-3
+    assert plain["real_tokens"] == ckpt["real_tokens"]
+    probe = report["attention_probe"]
+    assert probe["block_mask"]["default"] > 0 and probe["causal_no_mask"]["default"] > 0
+    # the DeepSpeed config is finetune.resolve_ds_config's (config.DS_CONFIG_lora with the overrides)
+    ds = report["deepspeed_config"]
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 1
+    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"] == {"enabled": False}
+
+
+def test_missing_deepspeed_is_named_and_exits_nonzero(tmp_path):
+    """A machine without deepspeed gets one clear line naming it, and a non-zero exit."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "deepspeed.py").write_text("raise ImportError(\"No module named 'hjson'\")\n", encoding="utf-8")
+    env = {"PYTHONPATH": str(shadow) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = run_script(["bench/bench_train.py", "--shape", "tiny", "--steps", "1", "--warmup", "0"], env=env,
+                      timeout=300)
+    assert proc.returncode == 2
+    assert "deepspeed (ImportError: No module named 'hjson')" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_13b_shape_refuses_a_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_script(["bench/bench_train.py", "--shape", "13b", "--steps", "1"], timeout=300)
+    assert proc.returncode == 2
+    assert "--shape 13b needs a CUDA GPU" in proc.stderr
