@@ -245,3 +245,21 @@ def test_bad_inputs_stop_before_training(tiny_model_dir, lora_data, tmp_path):
     err = bad_run(base[:-2] + ["--save_dir", str(blocker / "sub")])
     assert "--save_dir" in err
     assert not (tmp_path / "ckp").exists() or not any((tmp_path / "ckp").rglob("*.safetensors"))
+
+
+def test_load_lora_continues_from_the_adapter(tiny_model_dir, lora_data, tmp_path):
+    """--load_lora starts from the saved adapter (not a fresh zero-initialised one)."""
+    common = ["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data,
+              "--max_length", str(MAX_LENGTH), "--max_epoches", "1", "--lr", "1e-2", "--lora_dropout", "0",
+              "--micro_batch_size", "2", "--grad_accum", "1", "--no_progress", "--save_dir", str(tmp_path)]
+    proc = run_script(common + ["--max_steps", "3", "--warmup_steps", "1", "--save_name", "first"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = lora_weights(tmp_path / "first" / "first_epoch0")
+    # WarmupLR starts at lr 0, so one step after loading changes nothing: the result is the loaded adapter
+    proc = run_script(common + ["--max_steps", "1", "--warmup_steps", "5", "--save_name", "second", "--load_lora",
+                                "--load_lora_path", str(tmp_path / "first" / "first_epoch0")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = lora_weights(tmp_path / "second" / "second_epoch0")
+    assert any("lora_B" in k and first[k].abs().max() > 1e-4 for k in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
