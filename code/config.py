@@ -188,3 +188,29 @@ TINY_MODEL = {
     "initializer_range": 0.3,
     "seed": 0,
 }
+
+# --------------------------------------------------------------------------------------------------
+# --demo: a toy CuteGPT built by the project's own pipeline (build_tiny_model -> convert_data ->
+# finetune) on the sample dialogues.  Measured 2026-11-28 on a 2-core CPU machine: 146 s the first
+# time (build 7 s, conversion 5 s, fine-tuning 126 s), 7 s cached.  With these settings the sample
+# answers of the canned queries were recalled word for word at every checked epoch from 38 to 59
+# (every 3rd epoch, 2 pinned cores); without repeating the canned conversation the 0.7M-parameter
+# model recalled neither answer within 60 epochs.
+# Changing any value here (or the data file) rebuilds the cache.
+# --------------------------------------------------------------------------------------------------
+DEMO = {
+    "data": "data/test/ift_data.pkl",   # relative to the repo root
+    "cache_dir": "data/demo_model",         # relative to the repo root
+    "tiny_model": {"seed": 0},                               # build_tiny_model flags (else config.TINY_MODEL)
+    "max_length": 512,                                       # convert_data / finetune rows
+    "template": "zh",                                        # the chat template for every turn
+    "max_dialogues_per_sample": 1,
+    "special_end_token": True,                               # full fine-tuning: '<end>' is one token
+    # the sample dialogue holding config.CANNED_QUERIES is seen this many times per epoch (every
+    # other dialogue once), so that the toy model recalls those two answers word for word
+    "repeat_canned": 20,
+    "finetune": {"max_epoches": 50, "lr": 1e-2, "warmup_steps": 10, "micro_batch_size": 8, "grad_accum": 1,
+                 "seed": 0},
+    # the toy model recalls its training answers: greedy, and no penalty on the repeats they contain
+    "generation": {"do_sample": False, "repetition_penalty": 1.0},
+}

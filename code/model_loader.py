@@ -1,0 +1,408 @@
+"""Loading a CuteGPT model: the ONE place that decides tokenizer, dtype, quantization, attention
+kernel, adapter and device.  inference.py, the API server, the web demo, evaluation and the
+benchmarks all call it, so a model runs the same way everywhere.
+
+    from model_loader import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer("XuYipei/kw-cutegpt-13b-base",
+                                                lora_path="Abbey4799/kw-cutegpt-13b-ift-lora", quant="int8")
+
+- Paths are local directories or Hugging Face ids.  An id is looked up in the local Hugging Face
+  cache first, then fetched when the Hub can be reached; otherwise ``LoaderError`` says what to do.
+- ``quant``: int8 / nf4 (bitsandbytes, weights placed by accelerate's device map), bf16 / fp16 / fp32.
+  Default: int8 where a CUDA GPU is visible (what the published 13B models were run with: about
+  13.5 GiB, one 24 GB card), fp32 on a machine without one (with a one-line notice).
+- The tokenizer comes from the LoRA directory when it holds one (as the seed did), else from the
+  model directory.
+- A LoRA adapter is checked against the base model before any weight is read: every adapted module
+  must exist with the shapes the adapter was trained for, and the tokenizer must fit the embedding
+  table.  Adapters saved by old peft (``adapter_model.bin`` + an ``adapter_config.json`` with keys
+  today's peft no longer knows) load as they are.
+
+Every user mistake raises ``LoaderError`` (a ``data_io.DataError``) whose message names the flag and
+the fix; front ends print it with ``data_io.fail``.
+"""
+import json
+import os
+import socket
+import sys
+import warnings
+from urllib.parse import urlparse
+
+import torch
+
+from data_io import DataError
+
+QUANT_CHOICES = ("int8", "nf4", "bf16", "fp16", "fp32")
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Seconds to wait for the Hugging Face Hub to answer a connection before calling it unreachable
+# (without this probe huggingface_hub retries for ~25 s before failing on an offline machine).
+HUB_PROBE_TIMEOUT_S = 5
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class LoaderError(DataError):
+    """A model, adapter or option given by the user cannot be used; the message says how to fix it."""
+
+
+def _notice(message):
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# paths: local directory or Hugging Face id
+# ----------------------------------------------------------------------------------------------
+def _looks_local(path):
+    """A Hugging Face id is 'name' or 'owner/name'; anything else is meant as a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def _hub_reachable():
+    """(True, '') when a TCP connection to the Hub's endpoint opens, else (False, reason)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True, ""
+    except OSError as e:
+        return False, f"{host} cannot be reached: {e.strerror or e}"
+
+
+def _hub_patterns(repo_id):
+    """Files worth downloading: configs, tokenizer, and one weight format (safetensors first)."""
+    from huggingface_hub import HfApi
+
+    files = HfApi().list_repo_files(repo_id)
+    patterns = ["*.json", "*.model", "*.txt"]
+    patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
+    return patterns
+
+
+def resolve_path(path, flag="--model_path"):
+    """A local directory for ``path``: the directory itself, or the snapshot of a Hugging Face id
+    (from the local cache, else downloaded).  Raises LoaderError naming ``flag`` and the fix."""
+    if not path:
+        raise LoaderError(f"{flag}: empty path; give a local model directory or a Hugging Face id")
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if os.path.exists(expanded):
+        raise LoaderError(f"{flag} {path}: is a file; give the directory that holds it")
+    fix = (f"give a local model directory with {flag}, or run `python inference.py --demo` "
+           f"for the offline toy model")
+    if _looks_local(path):
+        raise LoaderError(f"{flag} {path}: no such directory; {fix}")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(path, local_files_only=True)   # already in the local cache
+    except HFValidationError as e:
+        raise LoaderError(f"{flag} {path}: neither a local directory nor a valid Hugging Face id ({e}); {fix}")
+    except Exception:
+        pass
+    reachable, reason = _hub_reachable()
+    if not reachable:
+        raise LoaderError(f"{flag} {path}: not a local directory, and the Hugging Face Hub cannot be "
+                          f"reached to fetch it ({reason}); {fix}")
+    try:
+        return snapshot_download(path, allow_patterns=_hub_patterns(path))
+    except RepositoryNotFoundError:
+        raise LoaderError(f"{flag} {path}: no such model on the Hugging Face Hub (or it needs a login: "
+                          f"`huggingface-cli login`); {fix}")
+    except Exception as e:
+        raise LoaderError(f"{flag} {path}: fetching it from the Hugging Face Hub failed "
+                          f"({type(e).__name__}: {e}); {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------
+def has_tokenizer(directory):
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path, flag="--tokenizer"):
+    """The tokenizer of a local directory or Hugging Face id (LlamaTokenizer for CuteGPT)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve_path(path, flag)
+    if not has_tokenizer(directory):
+        raise LoaderError(f"{flag} {path}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise LoaderError(f"{flag} {path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------------------------
+# quantization, dtype, device
+# ----------------------------------------------------------------------------------------------
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def bitsandbytes_available():
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def default_quant():
+    """int8 where a CUDA GPU is visible, else fp32 (bitsandbytes on a CPU works but crawls)."""
+    return "int8" if cuda_available() else "fp32"
+
+
+def resolve_device(device):
+    """A torch.device string for ``device`` (None: 'cuda' when visible, else 'cpu')."""
+    if device is None:
+        return "cuda" if cuda_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LoaderError(f"--device {device}: not a device; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not cuda_available():
+            raise LoaderError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LoaderError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return str(parsed)
+
+
+def compute_dtype(device):
+    """Half precision for quantized layers: bf16 where the GPU has it, else fp16."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def model_load_kwargs(quant, device, device_given, attn_implementation=None):
+    """Keyword arguments of ``from_pretrained`` for a quantization mode and device."""
+    kwargs = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    on_cuda = device.startswith("cuda")
+    # accelerate's device map: spread over the visible GPUs ("auto", as the seed did) unless the
+    # user named one device
+    device_map = {"": device} if (device_given or not on_cuda) else "auto"
+    if quant in ("int8", "nf4"):
+        if not bitsandbytes_available():
+            raise LoaderError(f"--quant {quant} needs bitsandbytes, which is not installed: "
+                              f"`pip install bitsandbytes`, or use --quant bf16/fp16 (GPU) or fp32 (CPU)")
+        from transformers import BitsAndBytesConfig
+
+        if quant == "int8":
+            # the seed: load_in_8bit with fp16 for the layers bitsandbytes keeps in floating point
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["dtype"] = torch.float16 if on_cuda else torch.float32
+        else:
+            half = compute_dtype(device)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=half)
+            kwargs["dtype"] = half
+        kwargs["device_map"] = device_map
+    elif quant in FLOAT_DTYPES:
+        kwargs["dtype"] = FLOAT_DTYPES[quant]
+        if on_cuda:
+            kwargs["device_map"] = device_map
+    else:
+        raise LoaderError(f"--quant {quant}: unknown; choose one of {', '.join(QUANT_CHOICES)}")
+    return kwargs
+
+
+def input_device(model):
+    """Where input ids must go: the device of the embedding table (first shard of a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters
+# ----------------------------------------------------------------------------------------------
+def is_adapter_dir(directory):
+    return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
+
+
+def read_adapter_config(directory, flag="--lora_path"):
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LoaderError(f"{flag}: {path} cannot be read ({e})")
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise LoaderError(f"{flag}: {path} describes a {cfg.get('peft_type')!r} adapter; only LoRA adapters load")
+    return cfg
+
+
+def adapter_weight_shapes(directory, flag="--lora_path"):
+    """{key: shape} of the adapter's saved tensors (safetensors, or an old peft's adapter_model.bin)."""
+    for name in ADAPTER_WEIGHTS:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the pre-zip torch format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            return {k: tuple(v.shape) for k, v in state.items()}
+        except Exception as e:
+            raise LoaderError(f"{flag}: {path} cannot be read ({type(e).__name__}: {e})")
+    raise LoaderError(f"{flag} {directory}: holds {ADAPTER_CONFIG} but no adapter weights "
+                      f"({' or '.join(ADAPTER_WEIGHTS)})")
+
+
+def _module_key(key):
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> (module path, part)."""
+    for prefix in ("base_model.model.", "base_model."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+        marker = f".{part}."
+        if marker in key:
+            return key.split(marker)[0], part
+    return key, None
+
+
+def check_adapter_fits(meta_model, adapter_dir, adapter_cfg, flag="--lora_path", model_flag="--model_path"):
+    """Raise LoaderError unless every tensor of the adapter fits ``meta_model`` (built on the meta
+    device from the base model's config, so nothing is loaded yet)."""
+    base = adapter_cfg.get("base_model_name_or_path") or "the base model it was trained on"
+    fix = f"load it on {base} (give that with {model_flag})"
+    modules = dict(meta_model.named_modules())
+    params = dict(meta_model.named_parameters())
+    shapes = adapter_weight_shapes(adapter_dir, flag)
+    for key, shape in sorted(shapes.items()):
+        name, part = _module_key(key)
+        if part is None:  # a fully saved weight (modules_to_save), e.g. an embedding table
+            param_name = name.replace(".modules_to_save", "").replace(".original_module", "")
+            if param_name in params and tuple(params[param_name].shape) != shape:
+                raise LoaderError(f"{flag} {adapter_dir}: the adapter holds {param_name} of shape {list(shape)}, "
+                                  f"the base model's is {list(params[param_name].shape)}: the adapter was made "
+                                  f"for another base model; {fix}")
+            continue
+        module = modules.get(name)
+        if module is None:
+            raise LoaderError(f"{flag} {adapter_dir}: the adapter changes module {name}, which the base model "
+                              f"does not have: the adapter was made for another base model; {fix}")
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        out_features, in_features = weight.shape
+        if part in ("lora_embedding_A", "lora_embedding_B"):
+            out_features, in_features = in_features, out_features
+        # lora_A: (r, in_features), lora_B: (out_features, r)
+        ok = shape[1] == in_features if part.endswith("A") else shape[0] == out_features
+        if len(shape) != 2 or not ok:
+            raise LoaderError(f"{flag} {adapter_dir}: {key} has shape {list(shape)}, which does not fit "
+                              f"{name} ({in_features} -> {out_features} in the base model, hidden size "
+                              f"{getattr(meta_model.config, 'hidden_size', '?')}): the adapter was made for "
+                              f"another base model; {fix}")
+
+
+def check_vocab_fits(tokenizer, model_config, tokenizer_source, model_flag="--model_path"):
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise LoaderError(f"the tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, but the model has "
+                          f"only {vocab} embeddings: tokenizer and model do not belong together (a CuteGPT "
+                          f"adapter needs the CuteGPT base with its Chinese vocabulary); check {model_flag}")
+
+
+def _apply_adapter(model, adapter_dir, flag="--lora_path"):
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        # adapters saved by old peft carry keys (enable_lora, merge_weights, ...) that today's peft
+        # ignores with a warning: they change nothing for inference
+        warnings.filterwarnings("ignore", message="Unexpected keyword arguments")
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        except Exception as e:
+            raise LoaderError(f"{flag} {adapter_dir}: the adapter cannot be applied ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole load
+# ----------------------------------------------------------------------------------------------
+def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None, attn_implementation=None,
+                             notice=_notice):
+    """(model, tokenizer) ready for generation (eval mode).
+
+    model_path: base or full model (local dir or Hugging Face id).
+    lora_path: a LoRA adapter dir or id to apply on top, or None.
+    quant: one of QUANT_CHOICES; None means default_quant().
+    device: 'cpu', 'cuda', 'cuda:N' or None (a GPU when visible; int8/nf4/bf16/fp16 on CUDA spread
+            over the visible GPUs by accelerate's device map unless a device is named).
+    attn_implementation: e.g. 'sdpa', 'eager', 'flash_attention_2'; None: transformers' default.
+    notice: called with one-line notes for the user (default: print to stderr).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device_given = device is not None
+    device = resolve_device(device)
+    if quant is None:
+        quant = default_quant()
+        if not device.startswith("cuda"):
+            notice("no CUDA GPU visible: loading in fp32 on the CPU (a 13B model needs about 53 GB of "
+                   "memory here; --quant int8 needs a GPU to be practical)")
+    if quant not in QUANT_CHOICES:
+        raise LoaderError(f"--quant {quant}: unknown; choose one of {', '.join(QUANT_CHOICES)}")
+    load_kwargs = model_load_kwargs(quant, device, device_given, attn_implementation)
+
+    model_dir = resolve_path(model_path, "--model_path")
+    if is_adapter_dir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise LoaderError(f"--model_path {model_path}: is a LoRA adapter, not a model; give it with "
+                          f"--lora_path and its base model with --model_path")
+    try:
+        model_config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise LoaderError(f"--model_path {model_path}: no usable config.json ({type(e).__name__}: {e})")
+
+    adapter_dir = None
+    if lora_path:
+        adapter_dir = resolve_path(lora_path, "--lora_path")
+        if not is_adapter_dir(adapter_dir):
+            hint = (" (it is a full model: give it with --model_path and --lora_path none)"
+                    if os.path.isfile(os.path.join(adapter_dir, "config.json")) else "")
+            raise LoaderError(f"--lora_path {lora_path}: holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter{hint}")
+        adapter_cfg = read_adapter_config(adapter_dir)
+        with torch.device("meta"):
+            meta_model = AutoModelForCausalLM.from_config(model_config)
+        check_adapter_fits(meta_model, adapter_dir, adapter_cfg)
+        del meta_model
+
+    tokenizer_dir, tokenizer_flag = ((adapter_dir, "--lora_path") if adapter_dir and has_tokenizer(adapter_dir)
+                                     else (model_dir, "--model_path"))
+    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_flag)
+    check_vocab_fits(tokenizer, model_config, tokenizer_dir)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs)
+    except (ImportError, ValueError) as e:
+        raise LoaderError(f"--model_path {model_path} with --quant {quant} on {device}: cannot be loaded "
+                          f"({type(e).__name__}: {e})")
+    except (OSError, RuntimeError) as e:
+        raise LoaderError(f"--model_path {model_path}: the weights cannot be loaded ({type(e).__name__}: {e})")
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    if adapter_dir:
+        model = _apply_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
