@@ -14,9 +14,9 @@ What is timed is code/finetune.py itself, not a copy of it:
 - the arguments are ``finetune.parse_args([...])`` of the flags a LoRA run would get (--use_lora
   --max_length --micro_batch_size --grad_accum --precision, plus the variant's own flags such as
   --gradient_checkpointing or --use_flash_attention);
-- ``finetune.init_distributed`` (one process, no launcher), ``finetune.resolve_precision``,
+- ``finetune.init_distributed`` (one process, no launcher), ``model_loader.training_precision``,
   ``finetune.resolve_ds_config`` (config.DS_CONFIG_lora with those overrides),
-  ``finetune.choose_attention``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
+  ``model_loader.training_attention``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
   in convert_data.py's format), the DistributedSampler + DataLoader of ``finetune.main``,
   ``finetune.build_model`` (use_cache off, peft LoRA with config.py's r/alpha/targets, gradient
   checkpointing with use_reentrant=False), ``deepspeed.initialize`` with that config, and
@@ -276,16 +276,17 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     from torch.utils.data.distributed import DistributedSampler
 
     import finetune
+    import model_loader
 
     argv = ["--use_lora", "--model_path", model_dir, "--data_path", data_path, "--dataset_type", "DatasetIds",
             "--max_length", str(opts.seq_len), "--micro_batch_size", str(opts.micro_batch_size),
             "--grad_accum", str(opts.grad_accum), "--precision", opts.precision, "--seed", str(opts.seed),
             "--no_progress"] + VARIANTS[name]
     args = finetune.parse_args(argv)
-    precision = finetune.resolve_precision(args.precision, device)
-    dtype = finetune.DTYPES[precision]
+    precision = model_loader.training_precision(args.precision, device)
+    dtype = model_loader.TRAINING_DTYPES[precision]
     ds_config = finetune.resolve_ds_config(args, precision, device)
-    attn, attn_note = finetune.choose_attention(args.use_flash_attention, device)
+    attn, attn_note = model_loader.training_attention(args.use_flash_attention, device)
     result = {"variant": name, "flags": VARIANTS[name], "attention": attn, "attention_note": attn_note,
               "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
               "lora_dropout": args.lora_dropout}
@@ -526,6 +527,7 @@ def main(argv=None):
     import torch
 
     import finetune
+    import model_loader
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _, world_size, device = finetune.init_distributed()
@@ -584,7 +586,7 @@ def main(argv=None):
             rows = dataset.DatasetIds(None, data_io.safe_load_pickle(data_path), opts.seq_len)
             position_ids = torch.stack([rows[i]["position_ids"] for i in range(opts.micro_batch_size)])
             report["attention_probe"] = attention_probe(shape, opts.seq_len, opts.micro_batch_size,
-                                                        finetune.DTYPES[ran[0]["precision"]], device, position_ids)
+                                                        model_loader.TRAINING_DTYPES[ran[0]["precision"]], device, position_ids)
 
     losses_agree = compare_losses(results, opts.loss_tol)
     failed = [r for r in results if "error" in r]

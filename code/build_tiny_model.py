@@ -36,7 +36,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 import time
 
 import config

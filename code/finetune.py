@@ -44,6 +44,7 @@ if HERE not in sys.path:
 import config  # noqa: E402
 import data_io  # noqa: E402
 import dataset  # noqa: E402
+import model_loader  # noqa: E402
 from data_io import DataError  # noqa: E402
 
 
@@ -160,17 +161,6 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def resolve_precision(requested, device):
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def resolve_ds_config(args, precision, device):
     """The DeepSpeed config in force: config.py's (or --deepspeed_config's) plus the overrides."""
     if args.deepspeed_config:
@@ -209,20 +199,6 @@ def resolve_ds_config(args, precision, device):
         # plain torch AdamW (foreach kernels): no DeepSpeed op to compile
         ds.get("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
     return ds
-
-
-def choose_attention(use_flash_attention, device):
-    """flash_attention_2 where asked for and available, else PyTorch SDPA; says which."""
-    if use_flash_attention:
-        try:
-            import flash_attn  # noqa: F401
-            if device.type == "cuda":
-                return "flash_attention_2", "attention: flash_attention_2 (flash_attn package)"
-            reason = "flash-attention needs a CUDA GPU"
-        except ImportError:
-            reason = "the flash_attn package is not installed"
-        return "sdpa", f"attention: PyTorch SDPA ({reason}; see README for the flash-attn extra)"
-    return "sdpa", "attention: PyTorch SDPA"
 
 
 def load_train_dataset(args, tokenizer):
@@ -443,11 +419,11 @@ def main(argv=None):
     # ---- setup and checks (every rank runs them, so every rank stops on a bad input) ----
     try:
         check_inputs(args)
-        precision = resolve_precision(args.precision, device)
-        dtype = DTYPES[precision]
+        precision = model_loader.training_precision(args.precision, device)
+        dtype = model_loader.TRAINING_DTYPES[precision]
         ds_config = resolve_ds_config(args, precision, device)
         tokenizer = load_tokenizer(args.model_path, "--model_path")
-        attn_implementation, attn_note = choose_attention(args.use_flash_attention, device)
+        attn_implementation, attn_note = model_loader.training_attention(args.use_flash_attention, device)
         # full fine-tuning trains '<end>' as one token: the data is checked against that tokenizer
         end_piece_ids = None if args.use_lora else add_end_token(tokenizer)
         train_dataset = load_train_dataset(args, tokenizer)

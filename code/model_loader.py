@@ -406,3 +406,32 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
         model = _apply_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# training: precision and attention kernel (finetune.py and the benchmarks ask here)
+# ----------------------------------------------------------------------------------------------
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def training_precision(requested, device):
+    """auto: bf16 where the GPU supports it, else fp32; an explicit choice stands."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def training_attention(use_flash_attention, device):
+    """flash_attention_2 where asked for and available, else PyTorch SDPA; says which."""
+    if use_flash_attention:
+        try:
+            import flash_attn  # noqa: F401
+            if device.type == "cuda":
+                return "flash_attention_2", "attention: flash_attention_2 (flash_attn package)"
+            reason = "flash-attention needs a CUDA GPU"
+        except ImportError:
+            reason = "the flash_attn package is not installed"
+        return "sdpa", f"attention: PyTorch SDPA ({reason}; see README for the flash-attn extra)"
+    return "sdpa", "attention: PyTorch SDPA"

@@ -135,7 +135,6 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, lora_data
     common = ["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data,
               "--max_length", str(MAX_LENGTH), "--max_epoches", "1", "--max_steps", "3", "--lr", "1e-2",
               "--warmup_steps", "1", "--lora_dropout", "0", "--no_progress", "--seed", "3", "--save_steps", "1000"]
-    import sys
     runs = {
         "two_ranks_mb1": (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741"] + common
                           + ["--micro_batch_size", "1", "--grad_accum", "1"]),
