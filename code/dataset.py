@@ -175,7 +175,18 @@ def row_item(input_ids, labels, attention_mask, sample_starts, max_length):
 # ----------------------------------------------------------------------------------------------
 # datasets
 # ----------------------------------------------------------------------------------------------
-class DatasetIds(Dataset):
+class PackedRows(Dataset):
+    """Rows of max_length with the start of every sample in them (the packed layout)."""
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, index):
+        return row_item(self.input_ids[index], self.labels[index], self.attention_mask[index],
+                        self.sample_starts[index], self.max_length)
+
+
+class DatasetIds(PackedRows):
     """Pre-tokenized rows from convert_data.py's llama_ift_data_ids.pkl (the fast path)."""
 
     def __init__(self, tokenizer, datas, max_length, source="the ids file", max_rows=-1, **kwargs):
@@ -189,15 +200,8 @@ class DatasetIds(Dataset):
         self.sample_starts = datas["sample_starts"][:count]
         self.meta = datas["meta"]
 
-    def __len__(self):
-        return len(self.input_ids)
 
-    def __getitem__(self, index):
-        return row_item(self.input_ids[index], self.labels[index], self.attention_mask[index],
-                        self.sample_starts[index], self.max_length)
-
-
-class GPT2Dataset_onlyres(Dataset):
+class GPT2Dataset_onlyres(PackedRows):
     """Dialogues tokenized at start-up and packed (whole samples per row), loss on answers only."""
 
     def __init__(self, tokenizer, datas, max_length, template="random", seed=config.CONVERT_SEED,
@@ -213,13 +217,6 @@ class GPT2Dataset_onlyres(Dataset):
         self.labels = packed["labels"]
         self.attention_mask = packed["attention_mask"]
         self.sample_starts = packed["sample_starts"]
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, index):
-        return row_item(self.input_ids[index], self.labels[index], self.attention_mask[index],
-                        self.sample_starts[index], self.max_length)
 
 
 class BertDataset_onlyres(Dataset):

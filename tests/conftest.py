@@ -1,4 +1,5 @@
 """Shared fixtures: the repo paths, a tiny model built once per test session, script runners."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,6 +23,16 @@ def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def load_script(relative_path):
+    """Import a script of the repo (e.g. bench/bench_train.py) as a module, to test its functions."""
+    path = os.path.join(REPO, relative_path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,14 @@
 
 Speed ratios are not asserted: they depend on the machine and its load.
 """
-import importlib.util
 import json
-import os
 
-from conftest import REPO, run_script
+from conftest import load_script, run_script
 
-BENCH = os.path.join(REPO, "bench", "bench_convert.py")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_convert", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_convert.py")
 
 
 def test_synthetic_dialogues_are_seeded_and_mixed():

@@ -3,22 +3,17 @@ positive speed figures for both variants, and gradient checkpointing leaves the 
 
 Speed is not asserted: it depends on the machine and its load.
 """
-import importlib.util
 import json
 import os
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import load_script, run_script
 
-BENCH = os.path.join(REPO, "bench", "bench_train.py")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_train.py")
 
 
 def test_synthetic_rows_are_packed_with_several_samples(tmp_path):
