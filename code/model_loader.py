@@ -409,6 +409,75 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
 
 
 # ----------------------------------------------------------------------------------------------
+# the model flags every front end shares (inference.py, api_server.py, web_demo.py, evaluation)
+# ----------------------------------------------------------------------------------------------
+NONE_WORDS = ("none", "None", "")
+
+
+def add_model_arguments(parser, demo=True):
+    """--model_path --lora_path --quant --device --attn_implementation (and --demo --demo_dir)."""
+    import config
+
+    parser.add_argument("--model_path", default=None,
+                        help=f"base or full model: local directory or Hugging Face id (default: {config.BASE_MODEL}, "
+                             f"or {config.FULL_FT_MODEL} with --lora_path none)")
+    parser.add_argument("--lora_path", default=None,
+                        help=f"LoRA adapter to apply, or 'none' (default: {config.LORA_MODEL} when --model_path is "
+                             f"not given, else none)")
+    parser.add_argument("--quant", choices=list(QUANT_CHOICES), default=None,
+                        help="weights: int8/nf4 (bitsandbytes) or a float type (default: int8 on a CUDA GPU, "
+                             "fp32 without one)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: the GPUs when visible, spread by accelerate; else cpu)")
+    parser.add_argument("--attn_implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"],
+                        help="attention kernel (default: transformers' choice, sdpa)")
+    if demo:
+        parser.add_argument("--demo", action="store_true",
+                            help="offline toy model trained on data/test/ift_data.pkl (built and cached the first "
+                                 "time by code/demo_model.py)")
+        parser.add_argument("--demo_dir", default=None,
+                            help=f"where --demo caches its model (default: {config.DEMO['cache_dir']} in the repo)")
+
+
+def check_model_arguments(parser, args):
+    """Conflicts among the model flags end in parser.error (exit 2, one line naming the fix)."""
+    if not getattr(args, "demo", False):
+        if getattr(args, "demo_dir", None) is not None:
+            parser.error("--demo_dir only applies with --demo")
+        return
+    given = [flag for flag, value in (("--model_path", args.model_path), ("--lora_path", args.lora_path),
+                                      ("--quant", args.quant)) if value is not None]
+    if given:
+        parser.error(f"--demo loads its own toy model: drop {', '.join(given)} (or drop --demo)")
+
+
+def model_choice(args):
+    """(model_path, lora_path) from the flags: the seed's base + LoRA by default."""
+    import config
+
+    lora = args.lora_path
+    if lora is not None and lora in NONE_WORDS:
+        return (args.model_path or config.FULL_FT_MODEL), None
+    if args.model_path is None:
+        return config.BASE_MODEL, (lora or config.LORA_MODEL)
+    return args.model_path, lora
+
+
+def load_from_args(args, notice=_notice):
+    """(model, tokenizer) for parsed model flags; --demo builds the toy model first when needed."""
+    if getattr(args, "demo", False):
+        import demo_model
+
+        model_path, lora_path = demo_model.ensure_demo_model(args.demo_dir), None
+        quant, device = "fp32", args.device or "cpu"
+    else:
+        model_path, lora_path = model_choice(args)
+        quant, device = args.quant, args.device
+    return load_model_and_tokenizer(model_path, lora_path=lora_path, quant=quant, device=device,
+                                    attn_implementation=args.attn_implementation, notice=notice)
+
+
+# ----------------------------------------------------------------------------------------------
 # training: precision and attention kernel (finetune.py and the benchmarks ask here)
 # ----------------------------------------------------------------------------------------------
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

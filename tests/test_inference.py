@@ -30,6 +30,7 @@ if REPO not in sys.path:
 import chat
 import config
 import data_io
+import demo_model
 import inference
 import model_loader
 import prompt
@@ -47,13 +48,14 @@ TEST_DEMO = {
 
 
 def demo_command(data_file, demo_dir, *extra):
-    """Run inference.main() with the test recipe patched into inference.DEMO."""
+    """Run inference.main() with the test recipe patched into config.DEMO."""
     patch = dict(TEST_DEMO, data=str(data_file))
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {REPO!r})
         import inference
-        inference.DEMO.update({patch!r})
+        import config
+        config.DEMO.update({patch!r})
         inference.main({["--demo", "--demo_dir", str(demo_dir), *extra]!r})
     """)
     return ["-c", code]
@@ -153,22 +155,22 @@ def test_demo_rebuilds_a_stale_cache_and_keeps_it_until_done(tmp_path, model_dir
     stale = tmp_path / "demo_model"
     shutil.copytree(model_dir, stale / "model")
     info = {"recipe": {"other": True}}
-    (stale / inference.DEMO_INFO).write_text(json.dumps(info))
+    (stale / demo_model.DEMO_INFO).write_text(json.dumps(info))
     started = []
 
     def failing_build(work, data_file, log):
         started.append(work)
         raise data_io.DataError("the build failed")
 
-    original = inference.build_demo_model
-    inference.build_demo_model = failing_build
+    original = demo_model.build_demo_model
+    demo_model.build_demo_model = failing_build
     try:
         with pytest.raises(data_io.DataError, match="the build failed"):
-            inference.ensure_demo_model(str(stale), log=lambda message: None)
+            demo_model.ensure_demo_model(str(stale), log=lambda message: None)
     finally:
-        inference.build_demo_model = original
+        demo_model.build_demo_model = original
     assert started                                                       # a rebuild was started
-    assert json.loads((stale / inference.DEMO_INFO).read_text()) == info   # the old cache is untouched
+    assert json.loads((stale / demo_model.DEMO_INFO).read_text()) == info   # the old cache is untouched
     assert (stale / "model" / "config.json").is_file()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]   # no half-built leftovers
 
