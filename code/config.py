@@ -157,6 +157,10 @@ DS_CONFIG_ft = {
 # --------------------------------------------------------------------------------------------
 TRAIN_SEED = 10          # the seed's default
 LOG_EVERY = 1            # steps between log lines / JSONL records
+# finetune.py refuses to start when the checkpoint folder has less free space than this many times its
+# estimate of one checkpoint (export + optimizer state): room for the temporary copy written before the
+# previous one is replaced, and for the estimate being short.
+CHECKPOINT_DISK_MARGIN = 1.5
 
 # --------------------------------------------------------------------------------------------
 # Generation (inference.py, chat) -- the seed's settings, with sampling really switched on

@@ -198,5 +198,9 @@ def check_writable_dir(path, what="directory"):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise DataError(f"{path}: cannot create the {what} ({e.strerror}); pick a writable path")
-    if not os.access(path, os.W_OK):
-        raise DataError(f"{path}: the {what} is not writable; pick a writable path")
+    try:   # a real write: permissions alone miss read-only file systems (and root passes every access check)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{path}: the {what} is not writable ({e.strerror}); pick a writable path")

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -91,6 +92,10 @@ def build_parser():
                    help="template for GPT2Dataset_onlyres/BertDataset_onlyres ('random' or a name in config.TURN_TEMPLATES)")
     p.add_argument("--log_every", type=int, default=config.LOG_EVERY, help="optimizer steps between log lines (default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--resume_from", default=None, metavar="DIR|latest",
+                   help="continue an interrupted run exactly: a checkpoint directory this script saved, or 'latest' "
+                        "(the newest complete one under SAVE_DIR/SAVE_NAME); restores weights, optimizer, scheduler, "
+                        "step, data position and random states. Give the same other flags as the interrupted run")
     return deepspeed.add_config_arguments(p)
 
 
@@ -103,6 +108,9 @@ def parse_args(argv=None):
         parser.error("--load_lora needs --load_lora_path DIR (the adapter to continue from)")
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error("--lora_dropout must be in [0, 1)")
+    if args.resume_from is not None and args.load_lora:
+        parser.error("--resume_from restores the adapter with its optimizer state; --load_lora starts a new run from "
+                     "an adapter with a fresh optimizer: drop one of them")
     if args.load_lora_path and not args.load_lora:
         parser.error("--load_lora_path is only read with --load_lora: add --load_lora")
     if args.deepspeed_config and any(v is not None for v in (args.lr, args.warmup_steps, args.micro_batch_size,
@@ -323,18 +331,219 @@ def train_step(engine, micro_batches, device, attn_implementation, dtype, world_
 # ----------------------------------------------------------------------------------------------
 # checkpoints and logs
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, tokenizer, record, is_rank0):
-    """Rank 0 writes the checkpoint into a temporary directory and renames it into place."""
+# A checkpoint directory holds what inference.py loads (the PEFT adapter or the full HF model, the
+# tokenizer, training_config.json) and, under training_state/, what an exact resume needs: the
+# DeepSpeed engine state (trainable weights, optimizer partition of every rank, LR scheduler), each
+# rank's random-number states, and progress.json (step, epoch, position in the data order).
+# All ranks write into a temporary directory beside it; rank 0 writes progress.json last and renames
+# the directory into place, so a directory under its final name is always complete.
+STATE_DIR = "training_state"
+PROGRESS_FILE = "progress.json"
+ENGINE_TAG = "engine"
+TMP_PREFIX = ".tmp-"
+
+
+def all_ranks_agree(ok, device):
+    """True when ``ok`` holds on every rank (a collective: every rank must call it)."""
     import torch.distributed as dist
 
-    dist.barrier()
-    if is_rank0:
-        with data_io.atomic_directory(path) as tmp:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def rng_states():
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    np_state = np.random.get_state()
+    state.update(numpy_keys=torch.from_numpy(np_state[1].astype("int64")), numpy_pos=int(np_state[2]),
+                 numpy_has_gauss=int(np_state[3]), numpy_gauss=float(np_state[4]))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, device):
+    """Write checkpoint ``path`` whole or not at all (a collective: every rank calls it).
+
+    A failure (a full disk, say) on any rank raises DataError on every rank; the temporary
+    directory is removed and earlier checkpoints stay as they were.
+    """
+    tmp = os.path.join(os.path.dirname(path), TMP_PREFIX + os.path.basename(path))
+    state_dir = os.path.join(tmp, STATE_DIR)
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)   # left by a run killed while saving
+            os.makedirs(state_dir)
+        except OSError as e:
+            error = e
+    if all_ranks_agree(error is None, device):
+        try:
+            # DeepSpeed: rank 0 writes the trainable weights and the scheduler, each rank its optimizer part
+            engine.save_checkpoint(state_dir, tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+            torch.save(rng_states(), os.path.join(state_dir, f"rng_rank{rank}.pt"))
+        except OSError as e:
+            error = e
+    if all_ranks_agree(error is None, device) and rank == 0:
+        try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, "training_config.json"), "w", encoding="utf-8") as f:
-                json.dump(record, f, ensure_ascii=False, indent=1)
-    dist.barrier()
+            data_io.atomic_write_json(os.path.join(tmp, "training_config.json"), record)
+            data_io.atomic_write_json(os.path.join(state_dir, PROGRESS_FILE), progress)   # written last
+            if os.path.exists(path):   # an older checkpoint of the same name goes only once the new one is whole
+                os.replace(path, tmp + ".old")
+            os.replace(tmp, path)
+            shutil.rmtree(tmp + ".old", ignore_errors=True)
+        except OSError as e:
+            error = e
+    if not all_ranks_agree(error is None, device):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f" ({error.strerror or error})" if error is not None else " (on another rank)"
+        raise DataError(f"checkpoint {path}: could not be written{reason}; earlier checkpoints are intact: free "
+                        f"space or fix the folder, then continue with --resume_from latest")
+
+
+def read_progress(path):
+    """progress.json of checkpoint ``path``, or None when it is not a complete, resumable checkpoint."""
+    try:
+        with open(os.path.join(path, STATE_DIR, PROGRESS_FILE), "r", encoding="utf-8") as f:
+            progress = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and isinstance(progress.get("global_step"), int) else None
+
+
+def find_latest_checkpoint(run_dir):
+    """The complete checkpoint with the highest step under ``run_dir`` (ties: the newest), or None."""
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        progress = None if name.startswith(TMP_PREFIX) else read_progress(path)
+        if progress is not None:
+            found.append((progress["global_step"], os.path.getmtime(os.path.join(path, STATE_DIR, PROGRESS_FILE)),
+                          path))
+    return max(found)[2] if found else None
+
+
+def resolve_resume_dir(args):
+    run_dir = os.path.join(args.save_dir, args.save_name)
+    if args.resume_from == "latest":
+        path = find_latest_checkpoint(run_dir)
+        if path is None:
+            raise DataError(f"--resume_from latest: no complete checkpoint under {run_dir} (check --save_dir and "
+                            f"--save_name, or start without --resume_from)")
+        return path
+    if read_progress(args.resume_from) is None:
+        raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint of code/finetune.py (it needs "
+                        f"{STATE_DIR}/{PROGRESS_FILE}); give one of the directories under {run_dir}, or 'latest'")
+    return args.resume_from
+
+
+def resume_fingerprint(args, ds_config, world_size, train_dataset):
+    """What must match between the interrupted run and its resumption for the result to be exact."""
+    return {"use_lora": args.use_lora, "seed": args.seed, "world_size": world_size, "rows": len(train_dataset),
+            "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
+            "grad_accum": ds_config["gradient_accumulation_steps"], "max_length": args.max_length,
+            "dataset_type": args.dataset_type}
+
+
+RESUME_FLAGS = {"use_lora": "--use_lora", "seed": "--seed", "world_size": "the number of ranks (GPUs)",
+                "rows": "--data_path / --max_training_samples (the number of training rows)",
+                "micro_batch_size": "--micro_batch_size", "grad_accum": "--grad_accum", "max_length": "--max_length",
+                "dataset_type": "--dataset_type"}
+
+
+def check_resumable(path, progress, fingerprint):
+    saved = progress.get("fingerprint", {})
+    for key, value in fingerprint.items():
+        if saved.get(key) != value:
+            raise DataError(f"--resume_from {path}: was saved with {RESUME_FLAGS[key]} = {saved.get(key)!r}, this "
+                            f"run has {value!r}; resume with the interrupted run's settings")
+
+
+def deepspeed_state_classes():
+    """The plain data classes DeepSpeed stores in its optimizer state, allowed by the restricted loader."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_restricted(path):
+    """torch.load that accepts tensors, plain containers and DeepSpeed's state classes only."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:   # pickle.UnpicklingError and friends: a type outside the allow-list
+        detail = str(e).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+        raise DataError(f"{path}: holds objects other than tensors, plain values and DeepSpeed's optimizer state, "
+                        f"so it is not loaded (checkpoints of code/finetune.py never do): {detail[:200]}")
+
+
+def load_training_state(path, engine, rank):
+    """Restore the engine (weights, optimizer, scheduler) and this rank's random states from ``path``.
+
+    DeepSpeed's loader unpickles without restriction, so every file it will read is first opened
+    with the restricted loader: one holding anything but tensors and plain values is refused.
+    """
+    state_dir = os.path.join(path, STATE_DIR)
+    engine_dir = os.path.join(state_dir, ENGINE_TAG)
+    for name in sorted(os.listdir(engine_dir)):
+        if name.endswith(".pt"):
+            _load_restricted(os.path.join(engine_dir, name))
+    load_path, _ = engine.load_checkpoint(state_dir, tag=ENGINE_TAG, load_module_strict=False)
+    if load_path is None:
+        raise DataError(f"--resume_from {path}: DeepSpeed found no engine state in {engine_dir}")
+    rng_file = os.path.join(state_dir, f"rng_rank{rank}.pt")
+    if not os.path.isfile(rng_file):
+        raise DataError(f"--resume_from {path}: {rng_file} is missing (was the run saved with more ranks?)")
+    return _load_restricted(rng_file)
+
+
+def checkpoint_bytes(model, dtype, world_size):
+    """A generous estimate of one checkpoint's size on disk."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weight_bytes = torch.tensor([], dtype=dtype).element_size()
+    # the export and DeepSpeed's copy of the trainable weights, plus fp32 master weights and two Adam
+    # moments (12 bytes a parameter, split among the ranks but summed on a shared disk)
+    return trainable * (2 * weight_bytes + 12) + 64 * 2**20   # + tokenizer, configs, slack
+
+
+def check_free_disk(run_dir, needed):
+    free = shutil.disk_usage(run_dir).free
+    if free < needed * config.CHECKPOINT_DISK_MARGIN:
+        raise DataError(f"{run_dir}: {free / 2**30:.2f} GiB free, but one checkpoint needs about "
+                        f"{needed / 2**30:.2f} GiB (x{config.CHECKPOINT_DISK_MARGIN} margin, "
+                        f"config.CHECKPOINT_DISK_MARGIN): free space or pick another --save_dir")
+
+
+def truncate_log(path, last_step):
+    """Drop the log lines of steps after ``last_step`` (a resumed run logs them again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "r", encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    data_io.atomic_write_bytes(path, "".join(kept).encode("utf-8"))
 
 
 class RunLog:
@@ -445,36 +654,76 @@ def main(argv=None):
         total_steps = min(total_steps, args.max_steps)
 
     # ---- model ----
+    run_dir = os.path.join(args.save_dir, args.save_name)
+    fingerprint = resume_fingerprint(args, ds_config, world_size, train_dataset)
     try:
+        resume_dir = resolve_resume_dir(args) if args.resume_from else None
+        if resume_dir:
+            resume_progress = read_progress(resume_dir)
+            check_resumable(resume_dir, resume_progress, fingerprint)
         model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids)
-    except LoaderError as e:
+        check_free_disk(run_dir, checkpoint_bytes(model, dtype, world_size))
+    except (DataError, LoaderError) as e:
         data_io.fail(str(e))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config)
+    global_step, start_epoch, start_step_in_epoch, resumed_rng = 0, 0, 0, None
+    if resume_dir:
+        try:
+            resumed_rng = load_training_state(resume_dir, engine, rank)
+        except DataError as e:
+            data_io.fail(str(e))
+        global_step = resume_progress["global_step"]
+        start_epoch, start_step_in_epoch = resume_progress["epoch"], resume_progress["step_in_epoch"]
+        if start_step_in_epoch >= steps_per_epoch:   # saved at the end of an epoch
+            start_epoch, start_step_in_epoch = start_epoch + 1, 0
+        say(f"resuming from {resume_dir}: step {global_step}, epoch {start_epoch}, "
+            f"step {start_step_in_epoch} of {steps_per_epoch} in that epoch")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"trainable parameters: {trainable:,}; rows: {len(train_dataset)}; micro-batch {micro_batch} x "
         f"accumulation {grad_accum} x ranks {world_size} = {micro_batch * grad_accum * world_size} rows per step; "
         f"{total_steps} steps")
 
-    run_dir = os.path.join(args.save_dir, args.save_name)
     record = {"args": vars(args), "deepspeed_config": ds_config, "precision": precision,
               "attention": attn_implementation, "world_size": world_size,
               "data_meta": getattr(train_dataset, "meta", None)}
     if is_rank0:
-        say("effective configuration:\n" + json.dumps(record, ensure_ascii=False, indent=1, default=str))
-        with open(os.path.join(run_dir, "training_config.json"), "w", encoding="utf-8") as f:
-            json.dump(record, f, ensure_ascii=False, indent=1, default=str)
+        say("effective configuration:\n" + json.dumps(record, ensure_ascii=False, indent=1))
+        data_io.atomic_write_json(os.path.join(run_dir, "training_config.json"), record)
+    if is_rank0 and resume_dir:
+        truncate_log(os.path.join(run_dir, "train_log.jsonl"), global_step)
     runlog = RunLog(run_dir, is_rank0)
+
+    def save(name, epoch, step_in_epoch):
+        progress = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint}
+        try:
+            save_checkpoint(os.path.join(run_dir, name), engine, model, tokenizer,
+                            dict(record, step=global_step, epoch=epoch), progress, rank, device)
+        except DataError as e:
+            data_io.fail(str(e))
 
     # ---- train ----
     engine.train()
-    global_step = 0
-    bar = tqdm(total=total_steps, disable=not is_rank0 or args.no_progress, file=sys.stderr, desc="training")
-    for epoch in range(args.max_epoches):
+    if resumed_rng is not None:
+        set_rng_states(resumed_rng)   # after the model set-up, which drew from the same generators
+    bar = tqdm(total=total_steps, initial=global_step, disable=not is_rank0 or args.no_progress, file=sys.stderr,
+               desc="training")
+    for epoch in range(start_epoch, args.max_epoches):
+        if global_step >= total_steps:
+            break
         sampler.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(steps_per_epoch):
+        first_step = start_step_in_epoch if epoch == start_epoch else 0
+        # the epoch's order is fixed by (seed, epoch); a resumed epoch skips the rows already trained on
+        order = list(sampler)[first_step * grad_accum * micro_batch:]
+        # its own generator: a DataLoader iterator draws a seed, which would shift the global RNG stream
+        # (dropout) between a run and its resumption
+        batches = iter(DataLoader(train_dataset, batch_size=micro_batch, sampler=order,
+                                  generator=torch.Generator().manual_seed(args.seed + epoch)))
+        step_in_epoch = first_step
+        for step_in_epoch in range(first_step + 1, steps_per_epoch + 1):
             if global_step >= total_steps:
+                step_in_epoch -= 1
                 break
             group = [b for _, b in zip(range(grad_accum), batches)]
             start = time.perf_counter()
@@ -491,12 +740,8 @@ def main(argv=None):
                 tqdm.write(f"step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.3e} "
                            f"tokens/s {rec['tokens_per_s']:.0f}", file=sys.stdout)
             if global_step % args.save_steps == 0:
-                save_checkpoint(os.path.join(run_dir, f"{args.save_name}_{global_step}"), model, tokenizer,
-                                dict(record, step=global_step, epoch=epoch), is_rank0)
-        save_checkpoint(os.path.join(run_dir, f"{args.save_name}_epoch{epoch}"), model, tokenizer,
-                        dict(record, step=global_step, epoch=epoch), is_rank0)
-        if global_step >= total_steps:
-            break
+                save(f"{args.save_name}_{global_step}", epoch, step_in_epoch)
+        save(f"{args.save_name}_epoch{epoch}", epoch, step_in_epoch)
     bar.close()
     runlog.close()
     say(f"done: {global_step} steps; checkpoints in {run_dir}")

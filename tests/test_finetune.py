@@ -74,9 +74,9 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     env = dict(os.environ, GPUS="0,1", MASTER_PORT="29731", MODEL_PATH=tiny_model_dir, DATA_PATH=lora_data,
                SAVE_DIR=str(tmp_path / "ckp"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     import subprocess
-    proc = subprocess.run(["bash", "finetune.sh", "--max_length", str(MAX_LENGTH), "--max_epoches", str(LORA_EPOCHS),
-                           "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-2", "--warmup_steps", "5",
-                           "--lora_dropout", "0", "--no_progress", "--seed", "1"],
+    args = ["--max_length", str(MAX_LENGTH), "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-2",
+            "--warmup_steps", "5", "--lora_dropout", "0", "--no_progress", "--seed", "1"]
+    proc = subprocess.run(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "attention: PyTorch SDPA (the flash_attn package is not installed" in proc.stdout
@@ -101,6 +101,16 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(final)).eval()
     assert_memorised(model, tokenizer, small_dialogues())
+    # the README's resume command: one more epoch, continuing from the newest checkpoint
+    steps_done = len(history)
+    proc = subprocess.run(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS + 1),
+                                                             "--resume_from", "latest"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming from {final}: step {steps_done}, epoch {LORA_EPOCHS}, step 0" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, steps_done + steps_done // LORA_EPOCHS + 1))
+    assert (run_dir / f"llama_lora_epoch{LORA_EPOCHS}" / "adapter_model.safetensors").is_file()
 
 
 def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
