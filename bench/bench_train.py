@@ -92,7 +92,15 @@ VARIANTS = {
     "flash": ["--use_flash_attention"],
     "flash_checkpointing": ["--use_flash_attention", "--gradient_checkpointing"],
     "no_lora_dropout": ["--lora_dropout", "0"],
+    # the output layer and loss over all learned positions at once (the default computes them in chunks of
+    # config.LOSS_CHUNK_TOKENS positions, recomputed in backward)
+    "loss_unchunked": ["--loss_chunk", "0"],
+    # QLoRA: the frozen base quantized by bitsandbytes, loaded through finetune.build_model's own path
+    "qlora_nf4": ["--quant", "nf4", "--gradient_checkpointing"],
+    "qlora_int8": ["--quant", "int8", "--gradient_checkpointing"],
 }
+# variants whose loss is not compared (quantized weights compute a different function)
+LOSS_NOT_COMPARED = ("qlora_nf4", "qlora_int8")
 DEFAULT_VARIANTS = "plain,checkpointing"
 
 # /work/shared/bench/h200_hf_baseline.json: plain transformers + peft on one H200, 13B shape, bf16,
@@ -181,6 +189,22 @@ def random_base_model(model_dir, device, dtype, attn_implementation):
     with torch.device(device):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
                                                 attn_implementation=attn_implementation)
+
+
+def ensure_saved_weights(model_dir, device, dtype, attn_implementation, seed):
+    """Random weights of the shape saved into ``model_dir`` (once), for the variants that load them."""
+    import torch
+
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors.index.json")) or \
+            os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return
+    torch.manual_seed(seed)
+    model = random_base_model(model_dir, device, dtype, attn_implementation)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def synthetic_samples(rng, vocab_size, seq_len, total_tokens, eos_id=2):
@@ -294,6 +318,10 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
         result["skipped"] = attn_note
         say(f"[{name}] skipped: {attn_note}")
         return result, ds_config
+    if args.quant != "none" and not model_loader.bitsandbytes_available():
+        result["skipped"] = f"--quant {args.quant} needs bitsandbytes, which is not installed (pip install bitsandbytes)"
+        say(f"[{name}] skipped: {result['skipped']}")
+        return result, ds_config
 
     # the data path of finetune.main
     train_dataset = finetune.load_train_dataset(args, None)
@@ -309,9 +337,16 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
         result["mem_allocated_at_start_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     torch.manual_seed(args.seed)   # as finetune.main: same base weights and LoRA init in every variant
     t0 = time.perf_counter()
-    model = finetune.build_model(args, None, dtype, attn,
-                                 base_model=random_base_model(model_dir, device, dtype, attn))
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+    if args.quant != "none":
+        # bitsandbytes quantizes while loading: the random weights go through a saved model directory
+        ensure_saved_weights(model_dir, device, dtype, attn, args.seed)
+        torch.manual_seed(args.seed)
+        model = finetune.build_model(args, None, dtype, attn, device=device)
+    else:
+        model = finetune.build_model(args, None, dtype, attn,
+                                     base_model=random_base_model(model_dir, device, dtype, attn))
+    engine, _, _, _ = deepspeed.initialize(model=finetune.LossModule(model, attn, dtype, args.loss_chunk),
+                                           config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     engine.train()
     sync(device)
@@ -327,7 +362,7 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
         group = [next(batches) for _ in range(grad_accum)]
         sync(device)
         start = time.perf_counter()
-        loss, real_tokens = finetune.train_step(engine, group, device, attn, dtype, world_size)
+        loss, real_tokens = finetune.train_step(engine, group, device, world_size)
         sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss)
@@ -423,7 +458,7 @@ def compare_losses(results, tol):
     """Each variant's per-step losses against the first variant run with the same lora_dropout."""
     refs, ok = {}, True
     for r in results:
-        if "losses" not in r:
+        if "losses" not in r or r["variant"] in LOSS_NOT_COMPARED:
             continue
         ref = refs.setdefault(r["lora_dropout"], r)
         diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
@@ -447,7 +482,8 @@ def table(results, memory_unit):
                      f"{r['seconds_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['all_tokens_per_s']:,.0f}",
                      f"{r['tflops_model']:.3g}", f"{r['tflops_hw']:.3g}", f"{r['tflops_baseline_formula']:.3g}",
                      f"{r['peak_mem_GiB']:.2f}", f"{r['real_token_share']:.1%}", f"{r['losses'][0]:.6f}",
-                     f"{r['loss_max_abs_diff']:.1e} vs {r['loss_reference']}"])
+                     (f"{r['loss_max_abs_diff']:.1e} vs {r['loss_reference']}" if "loss_reference" in r
+                      else "not compared (quantized base)")])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

@@ -9,11 +9,13 @@
 #    ninja and py-cpuinfo only for DeepSpeed's compiled ops, which this LoRA config does not use;
 # 2. prints nvidia-smi, the Python / torch / CUDA / package versions;
 # 3. a smoke run: tiny shape on the GPU, bf16 (seconds; catches a broken install before the big run);
-# 4. the measurement: 13B shape, 2 x 2048 tokens, bf16, LoRA, variants plain and checkpointing,
-#    2 warm-up + 6 timed steps each -> $OUT/bench_train_13b.json.
+# 4. the measurement: 13B shape, 2 x 2048 tokens, bf16, LoRA, variants plain, checkpointing, loss_unchunked
+#    (the whole logits at once, against the chunked default) and qlora_nf4 (needs bitsandbytes; saves the
+#    random weights once, ~26 GB, to load them quantized), 2 warm-up + 6 timed steps each ->
+#    $OUT/bench_train_13b.json.
 # Everything printed also goes to $OUT/log.  Expected wall time on an H200: 2-4 minutes (model
-# built on the GPU in ~10-30 s per variant, ~1 s per step); time-outs of 90 s (smoke) and 300 s
-# (13B) below bound it near 6.5 minutes even when something hangs; the JSON is rewritten after each
+# built on the GPU in ~10-30 s per variant, ~1 s per step; qlora_nf4 adds ~1-2 min for saving and loading the
+# weights); time-outs of 90 s (smoke) and 480 s (13B) below bound it near 10 minutes; the JSON is rewritten after each
 # variant, so a time-out keeps what was measured.
 # Exit status: that of the 13B run (0 ok, 1 a variant failed or changed the loss, 2 missing
 # package / no GPU, 124 timed out).
@@ -67,9 +69,9 @@ EOF
     timeout -k 10 90 "$PY" bench/bench_train.py --shape tiny --steps 2 --warmup 1 \
         --json "$OUT/bench_train_tiny_gpu.json"
     echo "== smoke exit status: $?"
-    echo "== 13B shape: finetune.train_step, 2 x 2048 tokens, variants plain + checkpointing"
-    timeout -k 15 300 "$PY" bench/bench_train.py --shape 13b --steps 6 --warmup 2 \
-        --json "$OUT/bench_train_13b.json"
+    echo "== 13B shape: finetune.train_step, 2 x 2048 tokens"
+    timeout -k 15 480 "$PY" bench/bench_train.py --shape 13b --steps 6 --warmup 2 \
+        --variants plain,checkpointing,loss_unchunked,qlora_nf4 --json "$OUT/bench_train_13b.json"
     local rc=$?
     echo "== 13B exit status: $rc"
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv || true

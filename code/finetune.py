@@ -87,6 +87,13 @@ def build_parser():
     p.add_argument("--lora_dropout", type=float, default=config.LORA_DROPOUT,
                    help="dropout on the LoRA input (default from config.py: %(default)s); 0 skips the dropout pass")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                   help="LoRA only: keep the frozen base in int8 or nf4 (bitsandbytes; QLoRA) to fit a small GPU "
+                        "(default: %(default)s)")
+    p.add_argument("--loss_chunk", type=int, default=config.LOSS_CHUNK_TOKENS,
+                   help="compute the output layer and the loss this many positions at a time, recomputed in "
+                        "backward, so the full logits never exist (0: all at once) (default from config.py: "
+                        "%(default)s)")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: all epochs)")
     p.add_argument("--template", default="random",
                    help="template for GPT2Dataset_onlyres/BertDataset_onlyres ('random' or a name in config.TURN_TEMPLATES)")
@@ -111,6 +118,11 @@ def parse_args(argv=None):
     if args.resume_from is not None and args.load_lora:
         parser.error("--resume_from restores the adapter with its optimizer state; --load_lora starts a new run from "
                      "an adapter with a fresh optimizer: drop one of them")
+    if args.quant != "none" and not args.use_lora:
+        parser.error(f"--quant {args.quant} freezes a quantized base, so it needs --use_lora (full fine-tuning "
+                     f"trains every weight in --precision)")
+    if args.loss_chunk < 0:
+        parser.error("--loss_chunk must be 0 (all positions at once) or more")
     if args.load_lora_path and not args.load_lora:
         parser.error("--load_lora_path is only read with --load_lora: add --load_lora")
     if args.deepspeed_config and any(v is not None for v in (args.lr, args.warmup_steps, args.micro_batch_size,
@@ -250,7 +262,8 @@ def init_end_embedding(model, tokenizer, old_piece_ids):
     return new_id
 
 
-def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None, base_model=None):
+def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None, base_model=None,
+                device="cpu"):
     """The model to train: the base from --model_path (or ``base_model``, as the benchmarks pass a
     randomly initialised one), wrapped in LoRA or prepared for full fine-tuning."""
     from transformers import AutoModelForCausalLM
@@ -259,12 +272,22 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
 
     if base_model is not None:
         model = base_model
+    elif args.quant != "none":
+        # QLoRA: the frozen base in int8/nf4 through the shared loader's bitsandbytes settings
+        kwargs = model_loader.model_load_kwargs(args.quant, str(device), True, attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model_path, "--model_path"), **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model_path, "--model_path"), dtype=dtype,
                                                      attn_implementation=attn_implementation)
     model.config.use_cache = False
     if args.use_lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        if args.quant != "none":
+            # norms and embeddings in fp32, inputs that carry gradients into the checkpointed layers
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
 
         if args.load_lora:
             model = PeftModel.from_pretrained(model, resolve_path(args.load_lora_path, "--load_lora_path"),
@@ -285,24 +308,59 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
 # ----------------------------------------------------------------------------------------------
 # the training step
 # ----------------------------------------------------------------------------------------------
-def forward_loss_sum(model, batch, attn_implementation, dtype):
-    """Summed cross-entropy over the learned tokens of one micro-batch, and their count."""
+def _chunk_loss_sum(hidden, weight, bias, targets):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def forward_loss_sum(model, batch, attn_implementation, dtype, loss_chunk=0):
+    """Summed cross-entropy over the learned tokens of one micro-batch, and their count.
+
+    ``model`` is a Hugging Face causal LM or a PEFT model around one.  The decoder runs once; the
+    output layer then runs only at the positions whose next token is learned (prompts are not), and
+    with ``loss_chunk`` > 0 that many positions at a time, each chunk recomputed in backward
+    (activation checkpointing), so the logits of the whole micro-batch never exist at once.
+    """
     input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch["position_ids"]
     if attn_implementation == "flash_attention_2":
         # variable-length kernels split samples at every position id 0
         mask = None
     else:
         mask = dataset.block_causal_mask(position_ids, dtype)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                 shift_labels.reshape(-1), ignore_index=dataset.IGNORE_INDEX,
-                                                 reduction="sum")
-    return loss_sum, int((shift_labels != dataset.IGNORE_INDEX).sum())
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+    targets = labels[:, 1:].reshape(-1)
+    learned = targets != dataset.IGNORE_INDEX
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[learned]
+    targets = targets[learned]
+    head = causal_lm.get_output_embeddings()
+    if loss_chunk <= 0 or hidden.shape[0] <= loss_chunk:
+        loss_sum = _chunk_loss_sum(hidden, head.weight, head.bias, targets)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        loss_sum = sum(checkpoint(_chunk_loss_sum, hidden[start:start + loss_chunk], head.weight, head.bias,
+                                  targets[start:start + loss_chunk], use_reentrant=False)
+                       for start in range(0, hidden.shape[0], loss_chunk))
+    return loss_sum, int(learned.sum())
 
 
-def train_step(engine, micro_batches, device, attn_implementation, dtype, world_size):
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module, which DeepSpeed's engine wraps: forward(batch) returns the
+    summed loss of the micro-batch (``forward_loss_sum``).  The checkpoints save the inner ``model``."""
+
+    def __init__(self, model, attn_implementation, dtype, loss_chunk):
+        super().__init__()
+        self.model = model
+        self.attn_implementation, self.dtype, self.loss_chunk = attn_implementation, dtype, loss_chunk
+
+    def forward(self, input_ids, labels, position_ids, attention_mask=None):
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return forward_loss_sum(self.model, batch, self.attn_implementation, self.dtype, self.loss_chunk)[0]
+
+
+def train_step(engine, micro_batches, device, world_size):
     """One optimizer step over this rank's micro-batches; returns (mean loss, real tokens) globally.
 
     Each micro-batch's summed loss is divided by the number of learned tokens of the whole step
@@ -320,7 +378,7 @@ def train_step(engine, micro_batches, device, attn_implementation, dtype, world_
     for index, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        loss_sum, _ = forward_loss_sum(engine, batch, attn_implementation, dtype)
+        loss_sum = engine(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
         engine.backward(loss_sum * (world_size / step_tokens), scale_wrt_gas=False)
         engine.step()
         loss_total += loss_sum.detach().double()
@@ -460,13 +518,13 @@ def resolve_resume_dir(args):
 
 def resume_fingerprint(args, ds_config, world_size, train_dataset):
     """What must match between the interrupted run and its resumption for the result to be exact."""
-    return {"use_lora": args.use_lora, "seed": args.seed, "world_size": world_size, "rows": len(train_dataset),
+    return {"use_lora": args.use_lora, "quant": args.quant, "seed": args.seed, "world_size": world_size, "rows": len(train_dataset),
             "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
             "grad_accum": ds_config["gradient_accumulation_steps"], "max_length": args.max_length,
             "dataset_type": args.dataset_type}
 
 
-RESUME_FLAGS = {"use_lora": "--use_lora", "seed": "--seed", "world_size": "the number of ranks (GPUs)",
+RESUME_FLAGS = {"use_lora": "--use_lora", "quant": "--quant", "seed": "--seed", "world_size": "the number of ranks (GPUs)",
                 "rows": "--data_path / --max_training_samples (the number of training rows)",
                 "micro_batch_size": "--micro_batch_size", "grad_accum": "--grad_accum", "max_length": "--max_length",
                 "dataset_type": "--dataset_type"}
@@ -661,11 +719,12 @@ def main(argv=None):
         if resume_dir:
             resume_progress = read_progress(resume_dir)
             check_resumable(resume_dir, resume_progress, fingerprint)
-        model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids)
+        model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device)
         check_free_disk(run_dir, checkpoint_bytes(model, dtype, world_size))
     except (DataError, LoaderError) as e:
         data_io.fail(str(e))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, attn_implementation, dtype, args.loss_chunk),
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config)
     global_step, start_epoch, start_step_in_epoch, resumed_rng = 0, 0, 0, None
     if resume_dir:
@@ -727,7 +786,7 @@ def main(argv=None):
                 break
             group = [b for _, b in zip(range(grad_accum), batches)]
             start = time.perf_counter()
-            loss, real_tokens = train_step(engine, group, device, attn_implementation, dtype, world_size)
+            loss, real_tokens = train_step(engine, group, device, world_size)
             elapsed = time.perf_counter() - start
             global_step += 1
             lr = engine.get_lr()[0]

@@ -57,7 +57,7 @@ def test_flops_formula_reproduces_the_baseline_figures():
 def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     out = tmp_path / "bench_train.json"
     proc = run_script(["bench/bench_train.py", "--shape", "tiny", "--steps", "3", "--warmup", "1",
-                       "--json", str(out)], timeout=600)
+                       "--variants", "plain,checkpointing,loss_unchunked,qlora_nf4", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "losses agree across variants (tolerance 0.001): yes" in proc.stdout
     assert "TFLOP/s" in proc.stdout and "FLOPs per position" in proc.stdout
@@ -66,8 +66,14 @@ def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     assert report["shape_name"] == "tiny" and report["device"] == "cpu"
     assert report["losses_agree"] is True
     variants = {v["variant"]: v for v in report["variants"]}
-    assert list(variants) == ["plain", "checkpointing"]
+    assert list(variants) == ["plain", "checkpointing", "loss_unchunked", "qlora_nf4"]
     plain, ckpt = variants["plain"], variants["checkpointing"]
+    # the whole logits at once: the same losses as the chunked default
+    assert variants["loss_unchunked"]["loss_max_abs_diff"] <= 1e-5
+    # QLoRA: a 4-bit base loaded through finetune.build_model; it trains, its loss is not compared
+    qlora = variants["qlora_nf4"]
+    assert qlora["trainable_params"] == plain["trainable_params"] and "loss_reference" not in qlora
+    assert all(0 < loss < 20 for loss in qlora["losses"]) and qlora["tokens_per_s"] > 0
     assert plain["checkpointing_active"] is False and ckpt["checkpointing_active"] is True
     for v in (plain, ckpt):
         assert v["model_freed"] is True     # the next variant starts from a clean slate

@@ -12,6 +12,7 @@ from conftest import REPO, SAMPLE_PKL, run_script
 import config
 import data_io
 import dataset
+import finetune
 
 MAX_LENGTH = 256
 LORA_EPOCHS = 8
@@ -272,3 +273,66 @@ def test_load_lora_continues_from_the_adapter(tiny_model_dir, lora_data, tmp_pat
     assert any("lora_B" in k and first[k].abs().max() > 1e-4 for k in first)
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, lora_data):
+    """--loss_chunk: the output layer and loss in chunks (recomputed in backward) equal the whole logits."""
+    import data_io
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():   # non-zero B, so the LoRA gradients are not trivially equal
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    rows = dataset.DatasetIds(None, data_io.safe_load_pickle(lora_data), MAX_LENGTH)
+    batch = {k: torch.stack([rows[0][k], rows[1][k]]) for k in ("input_ids", "labels", "position_ids")}
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        loss_sum, count = finetune.forward_loss_sum(model, batch, "sdpa", torch.float32, loss_chunk=chunk)
+        loss_sum.backward()
+        return float(loss_sum), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole_loss, whole_count, whole_grads = loss_and_grads(0)
+    # the reference: the model's own logits over every position, masked the same way
+    with torch.no_grad():
+        mask = dataset.block_causal_mask(batch["position_ids"], torch.float32)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+        reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                      batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    assert whole_count > 7 * 3
+    assert abs(whole_loss - float(reference)) <= 1e-4 * abs(float(reference))
+    chunk_loss, chunk_count, chunk_grads = loss_and_grads(7)    # many chunks, the last one partial
+    assert chunk_count == whole_count
+    assert abs(chunk_loss - whole_loss) <= 1e-5 * abs(whole_loss)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(chunk_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_qlora_nf4_base_trains_the_adapter(tiny_model_dir, lora_data, tmp_path):
+    """--quant nf4: the frozen base in 4 bits (bitsandbytes, also on a CPU); the adapter still learns."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    proc = run_script(["code/finetune.py", "--use_lora", "--quant", "nf4",
+                       "--model_path", tiny_model_dir, "--data_path", lora_data, "--max_length", str(MAX_LENGTH),
+                       "--max_epoches", "1", "--max_steps", "40", "--micro_batch_size", "2", "--grad_accum", "1",
+                       "--lr", "1e-2", "--warmup_steps", "2", "--lora_dropout", "0", "--no_progress",
+                       "--save_steps", "1000", "--save_dir", str(tmp_path), "--save_name", "qlora"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = losses(tmp_path / "qlora")
+    assert len(history) == 40
+    assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
+    # the adapter is a plain PEFT adapter: it loads on the unquantized base
+    adapter = tmp_path / "qlora" / "qlora_epoch0"
+    record = json.loads((adapter / "training_config.json").read_text(encoding="utf-8"))
+    assert record["args"]["quant"] == "nf4"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    assert any("lora_B" in n and p.abs().max() > 1e-3 for n, p in model.named_parameters())
+    # full fine-tuning of a quantized base is refused with the fix named
+    err = bad_run(["--quant", "nf4", "--model_path", tiny_model_dir, "--data_path", lora_data])
+    assert "--quant nf4" in err and "--use_lora" in err
