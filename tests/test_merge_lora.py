@@ -86,3 +86,18 @@ def test_refuses_a_non_empty_out(tiny_model_dir, adapter_dir, merged):
     proc = run_script(["code/merge_lora.py", "--model_path", tiny_model_dir, "--lora_path", adapter_dir, "--out", merged])
     assert proc.returncode != 0 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(os.listdir(merged)) == before
+
+
+def test_fp16_merge_in_process(tiny_model_dir, adapter_dir, tmp_path):
+    """The README's --dtype fp16: half-precision weights on disk, loading as fp16."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import merge_lora
+
+    out = str(tmp_path / "fp16")
+    merge_lora.merge(merge_lora.parse_args(["--model_path", tiny_model_dir, "--lora_path", adapter_dir,
+                                            "--out", out, "--dtype", "fp16"]))
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float16
