@@ -167,8 +167,9 @@ def build_prompts(tokenizer, subject, rows, dev, shots, limit):
         if len(ids) <= limit:
             continue
         cut += 1
-        for k in range(len(examples) - 1, -1, -1):   # drop the earliest examples first
-            ids = prompt.tokenize_segment_texts(tokenizer, [prompt.ceval_prompt(name, rows[index], examples[-k:] if k else [])])[0]
+        for kept in range(len(examples) - 1, -1, -1):   # drop the earliest examples first
+            text = prompt.ceval_prompt(name, rows[index], examples[len(examples) - kept:])
+            ids = prompt.tokenize_segment_texts(tokenizer, [text])[0]
             if len(ids) <= limit:
                 break
         encoded[index] = ids[-limit:]
