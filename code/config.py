@@ -223,3 +223,125 @@ DEMO = {
     # the toy model recalls its training answers: greedy, and no penalty on the repeats they contain
     "generation": {"do_sample": False, "repetition_penalty": 1.0},
 }
+
+# --------------------------------------------------------------------------------------------------
+# The recipe before and after instruction tuning: vocabulary extension (extend_vocab.py), continued
+# pre-training (convert_data.py --mode pretrain, then finetune.py), LoRA merging (merge_lora.py) and
+# C-Eval evaluation (evaluate_ceval.py).
+# --------------------------------------------------------------------------------------------------
+EXTEND_VOCAB = {
+    # pieces of the SentencePiece model trained on the Chinese corpus, before dropping those the base
+    # already has (CuteGPT's vocabulary: LLaMA's 32,000 + 17,954 new = 49,954)
+    "vocab_size": 20000,
+    # share of characters the new model must cover; the rarest 0.05% stay on the base's byte fallback
+    # (SentencePiece's recommended value for CJK text)
+    "character_coverage": 0.9995,
+    # lines sampled from the corpus for training (SentencePiece holds them in memory; 0: every line)
+    "input_sentence_size": 2_000_000,
+    # every N-th non-empty corpus line is held out (not trained on) to measure tokens per character,
+    # at most heldout_max_lines of them, unless --heldout_file is given
+    "heldout_every": 50,
+    "heldout_max_lines": 20000,
+    # JSONL corpora: the field holding the text
+    "text_field": "text",
+}
+
+# Pre-training mode of convert_data.py: plain text, every token learned (each token is predicted
+# from the ones before it in its document).  A .txt file holds documents separated by a blank line;
+# a .jsonl file one document per line in the field PRETRAIN["text_field"].  A document longer than
+# --max_length is cut into chunks of max_length that overlap by one token, so every token after
+# the document's first is learned exactly once; no BOS is added (CuteGPT's prompts, in training, chat
+# and evaluation alike, start without one), eos closes each document and is learned.
+PRETRAIN = {
+    "text_field": "text",
+}
+
+# merge_lora.py: the largest safetensors file it writes ("5GB" as transformers' default; a 13B
+# model in fp16 (26 GB) is saved as 6 shards)
+MERGE_MAX_SHARD_SIZE = "5GB"
+
+# --------------------------------------------------------------------------------------------------
+# C-Eval (evaluate_ceval.py).  Data layout, as the C-Eval release ships it:
+#   DATA_DIR/dev/{subject}_dev.csv    5 solved examples per subject (the few-shot examples)
+#   DATA_DIR/val/{subject}_val.csv    questions with answers (accuracy is computed)
+#   DATA_DIR/test/{subject}_test.csv  questions without answers (predictions are written)
+# columns: id, question, A, B, C, D, answer (explanation in dev is ignored).
+# --------------------------------------------------------------------------------------------------
+CEVAL = {
+    # first line of every prompt; {subject} is the subject's Chinese name
+    "header": "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n",
+    # one question; the answer prompt ends it and the next token is scored
+    "question": "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案：",
+    # what follows a solved few-shot example's question
+    "answer": "{answer}\n\n",
+    "choices": ["A", "B", "C", "D"],
+    "shots": [0, 5],          # default: both settings, as CuteGPT's README reports them
+    "batch_size": 8,          # prompts per forward pass (left-padded)
+    "split": "val",
+    "output_file": "ceval_results.json",
+}
+
+# The four C-Eval categories, in the order of the README tables.
+CEVAL_CATEGORIES = ["STEM", "Social Science", "Humanities", "Other"]
+
+# The 52 C-Eval subjects: name -> (Chinese name used in the prompt, category).  A category average is
+# the plain mean of the accuracies of its subjects; the overall average the plain mean over all
+# evaluated subjects (every subject weighs the same, however many questions it has).
+CEVAL_SUBJECTS = {
+    # STEM (20)
+    "computer_network": ("计算机网络", "STEM"),
+    "operating_system": ("操作系统", "STEM"),
+    "computer_architecture": ("计算机组成", "STEM"),
+    "college_programming": ("大学编程", "STEM"),
+    "college_physics": ("大学物理", "STEM"),
+    "college_chemistry": ("大学化学", "STEM"),
+    "advanced_mathematics": ("高等数学", "STEM"),
+    "probability_and_statistics": ("概率统计", "STEM"),
+    "discrete_mathematics": ("离散数学", "STEM"),
+    "electrical_engineer": ("注册电气工程师", "STEM"),
+    "metrology_engineer": ("注册计量师", "STEM"),
+    "high_school_mathematics": ("高中数学", "STEM"),
+    "high_school_physics": ("高中物理", "STEM"),
+    "high_school_chemistry": ("高中化学", "STEM"),
+    "high_school_biology": ("高中生物", "STEM"),
+    "middle_school_mathematics": ("初中数学", "STEM"),
+    "middle_school_biology": ("初中生物", "STEM"),
+    "middle_school_physics": ("初中物理", "STEM"),
+    "middle_school_chemistry": ("初中化学", "STEM"),
+    "veterinary_medicine": ("兽医学", "STEM"),
+    # Social Science (10)
+    "college_economics": ("大学经济学", "Social Science"),
+    "business_administration": ("工商管理", "Social Science"),
+    "marxism": ("马克思主义基本原理", "Social Science"),
+    "mao_zedong_thought": ("毛泽东思想和中国特色社会主义理论体系概论", "Social Science"),
+    "education_science": ("教育学", "Social Science"),
+    "teacher_qualification": ("教师资格", "Social Science"),
+    "high_school_politics": ("高中政治", "Social Science"),
+    "high_school_geography": ("高中地理", "Social Science"),
+    "middle_school_politics": ("初中政治", "Social Science"),
+    "middle_school_geography": ("初中地理", "Social Science"),
+    # Humanities (11)
+    "modern_chinese_history": ("近代史纲要", "Humanities"),
+    "ideological_and_moral_cultivation": ("思想道德修养与法律基础", "Humanities"),
+    "logic": ("逻辑学", "Humanities"),
+    "law": ("法学", "Humanities"),
+    "chinese_language_and_literature": ("中国语言文学", "Humanities"),
+    "art_studies": ("艺术学", "Humanities"),
+    "professional_tour_guide": ("导游资格", "Humanities"),
+    "legal_professional": ("法律职业资格", "Humanities"),
+    "high_school_chinese": ("高中语文", "Humanities"),
+    "high_school_history": ("高中历史", "Humanities"),
+    "middle_school_history": ("初中历史", "Humanities"),
+    # Other (11)
+    "civil_servant": ("公务员", "Other"),
+    "sports_science": ("体育学", "Other"),
+    "plant_protection": ("植物保护", "Other"),
+    "basic_medicine": ("基础医学", "Other"),
+    "clinical_medicine": ("临床医学", "Other"),
+    "urban_and_rural_planner": ("注册城乡规划师", "Other"),
+    "accountant": ("注册会计师", "Other"),
+    "fire_engineer": ("注册消防工程师", "Other"),
+    "environmental_impact_assessment_engineer": ("环境影响评价工程师", "Other"),
+    "tax_accountant": ("税务师", "Other"),
+    "physician": ("医师资格", "Other"),
+}

@@ -11,12 +11,22 @@
     # for full fine-tuning (finetune.py without --use_lora adds '<end>' as one special token)
     python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --special_end_token
 
+    # continued pre-training: plain text (.txt, documents separated by a blank line; or .jsonl with a
+    # "text" field), every token learned; writes OUT_DATA_PATH/llama_pretrain_data_ids.pkl
+    python code/convert_data.py --mode pretrain --tokenizer path/to/model --data_file zh_corpus.jsonl \
+        --max_length 2048 --out_data_path data/pretrain/
+
 Dialogues are shuffled and 1..--max_dialogues_per_sample of them joined into one multi-round
 sample (the seed's habit); each turn is rendered by prompt.py with a template drawn per turn
 (--template random) or pinned.  Labels are -100 on the meta prompt and every question; answers,
 the end marker and the closing eos are learned.  Whole samples are packed into rows of
 --max_length (longer ones are truncated and counted) and the start of every sample is recorded,
 with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, same bytes.
+
+--mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
+document's ids and eos, every token learned (the first of a document has nothing before it to be
+predicted from), a document longer than --max_length cut into chunks (dataset.chunk_document), never
+dropped.  finetune.py trains on it as it is, LoRA or full (no --special_end_token needed).
 """
 import argparse
 import os
@@ -49,6 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--template", default="random",
                         help="'random' (a template drawn per turn, the seed's way) or one template for every "
                              f"turn: {', '.join(prompt.template_names())} (default: %(default)s)")
+    parser.add_argument("--mode", choices=["ift", "pretrain"], default="ift",
+                        help="ift: dialogues, answers learned (default); pretrain: plain text (.txt or .jsonl), "
+                             "every token learned")
+    parser.add_argument("--text_field", default=config.PRETRAIN["text_field"],
+                        help="--mode pretrain with a .jsonl file: the field holding the text (default: %(default)s)")
     parser.add_argument("--special_end_token", action="store_true",
                         help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
                              "(what full fine-tuning trains with)")
@@ -59,9 +74,18 @@ def parse_args(argv=None):
         parser.error("--max_dialogues_per_sample must be 1 or more")
     if args.template != "random" and args.template not in prompt.template_names():
         parser.error(f"--template {args.template!r} is unknown; use 'random' or one of {prompt.template_names()}")
+    if args.mode == "pretrain":
+        if args.data_file is None:
+            parser.error("--mode pretrain needs --data_file FILE (.txt, documents separated by a blank line, "
+                         "or .jsonl with a text field)")
+        if args.special_end_token:
+            parser.error("--special_end_token is for dialogue data; pre-training text has no end marker: drop it")
     if args.data_file is None:
         args.data_file = os.path.join(args.out_data_path, "ift_data.pkl")
     return args
+
+
+OUT_FILES = {"ift": "llama_ift_data_ids.pkl", "pretrain": "llama_pretrain_data_ids.pkl"}
 
 
 def load_tokenizer(path, special_end_token):
@@ -127,16 +151,59 @@ def convert(args, show_progress=True):
     return dict(format=dataset.IDS_FORMAT, meta=meta, **packed)
 
 
+def convert_pretrain(args, show_progress=True):
+    """Return the ids-file dict of plain text for continued pre-training (every token learned)."""
+    from tqdm import tqdm
+
+    documents = data_io.load_documents(args.data_file, args.text_field)
+    tokenizer = load_tokenizer(args.tokenizer, False)
+    with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show_progress, file=sys.stderr) as bar:
+        samples, cut = dataset.tokenize_documents(tokenizer, documents, args.max_length, progress=bar)
+    if not samples:
+        raise DataError(f"{args.data_file}: no document has two tokens or more to learn from")
+    packed = dataset.pack_samples(samples, args.max_length, dataset.pad_token_id_of(tokenizer))
+    real = sum(len(ids) for ids, _ in samples)
+    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples)
+    rows = len(packed["input_ids"])
+    counts = {
+        "documents": len(documents),
+        "samples": len(samples),
+        "cut_documents": cut,          # documents longer than max_length, cut into several samples
+        "rows": rows,
+        "real_tokens": real,
+        "learned_tokens": learned,
+        "pad_tokens": rows * args.max_length - real,
+        "real_token_share": real / (rows * args.max_length),
+    }
+    meta = {
+        "mode": "pretrain",
+        "tokenizer": dict(name=args.tokenizer, **dataset.tokenizer_fingerprint(tokenizer)),
+        "max_length": args.max_length,
+        "special_end_token": False,
+        "data_file": os.path.basename(args.data_file),
+        "text_field": args.text_field,
+        "pad_token_id": dataset.pad_token_id_of(tokenizer),
+        "counts": counts,
+    }
+    return dict(format=dataset.IDS_FORMAT, meta=meta, **packed)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out_file = os.path.join(args.out_data_path, "llama_ift_data_ids.pkl")
+    out_file = os.path.join(args.out_data_path, OUT_FILES[args.mode])
     try:
         data_io.check_writable_dir(args.out_data_path, "output folder (--out_data_path)")
-        result = convert(args)
+        result = convert_pretrain(args) if args.mode == "pretrain" else convert(args)
         data_io.atomic_write_pickle(out_file, result)
     except DataError as e:
         data_io.fail(str(e))
     c = result["meta"]["counts"]
+    if args.mode == "pretrain":
+        print(f"{c['documents']} documents ({c['cut_documents']} cut into chunks of max_length) -> {c['samples']} "
+              f"samples -> {c['rows']} rows of {args.max_length} tokens; {c['learned_tokens']} learned "
+              f"tokens; {100 * c['real_token_share']:.2f}% of row tokens are real")
+        print(f"wrote {out_file}")
+        return
     print(f"{c['dialogues']} dialogues ({c['turns']} turns) -> {c['samples']} samples -> {c['rows']} rows of "
           f"{args.max_length} tokens; {c['truncated_samples']} samples truncated to max_length, "
           f"{c['dropped_samples']} dropped (no answer left); {c['learned_tokens']} learned tokens; "

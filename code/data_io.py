@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -190,6 +191,35 @@ def validate_dialogues(data, path):
             turns.append({k: turn[k] for k in TURN_KEYS})
         dialogues.append(turns)
     return dialogues
+
+
+def load_documents(path, text_field="text"):
+    """Plain-text documents for pre-training: a .txt file holds documents separated by a blank line,
+    a .jsonl file one JSON object per line with the text in ``text_field``.  Empty ones are skipped."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (give a .txt or .jsonl file of text)")
+    if not path.endswith((".txt", ".jsonl")):
+        raise DataError(f"{path}: unknown file type for pre-training text; use .txt (documents separated by a "
+                        f"blank line) or .jsonl (one object per line)")
+    try:
+        if path.endswith(".txt"):
+            with open(path, "r", encoding="utf-8") as f:
+                text = f.read().replace("\r\n", "\n")
+            documents = [doc.strip("\n") for doc in re.split(r"\n[ \t]*\n", text)]
+        else:
+            documents = []
+            for line_no, record in enumerate(_read_json_records(path), 1):
+                value = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    raise DataError(f"{path}: record {line_no} has no string field '{text_field}'; "
+                                    f"name the field with --text_field")
+                documents.append(value)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text")
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        raise DataError(f"{path}: holds no text")
+    return documents
 
 
 def check_writable_dir(path, what="directory"):

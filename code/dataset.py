@@ -86,6 +86,36 @@ def truncate_samples(tokenized, max_length):
     return kept, truncated, dropped
 
 
+def chunk_document(ids, max_length):
+    """Pre-training samples of one document's ids: chunks of at most max_length tokens that overlap by
+    one token, each labelled with its own ids except the first (nothing before it in the row predicts
+    it; the previous chunk already learned it), so every token after the document's first is learned
+    exactly once and no text is dropped."""
+    chunks, start = [], 0
+    while True:
+        piece = ids[start:start + max_length]
+        if len(piece) >= 2:
+            chunks.append((piece, [IGNORE_INDEX] + piece[1:]))
+        if start + max_length >= len(ids):
+            return chunks
+        start += max_length - 1
+
+
+def tokenize_documents(tokenizer, documents, max_length, batch_size=config.TOKENIZE_BATCH, progress=None):
+    """Pre-training samples [(input_ids, labels)] (each document's ids and eos, cut by chunk_document),
+    and the number of documents that were cut."""
+    eos = tokenizer.eos_token_id
+    samples, cut = [], 0
+    for start in range(0, len(documents), batch_size):
+        batch = documents[start:start + batch_size]
+        for ids in prompt.tokenize_segment_texts(tokenizer, batch):
+            cut += len(ids) + 1 > max_length
+            samples.extend(chunk_document(list(ids) + [eos], max_length))
+        if progress is not None:
+            progress.update(len(batch))
+    return samples, cut
+
+
 def pack_samples(samples, max_length, pad_token_id):
     """Pack whole samples into rows of max_length (best-fit decreasing), pad the rest.
 

@@ -28,6 +28,7 @@ causal mask for SDPA, variable-length kernels for flash-attention).
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -221,9 +222,23 @@ def resolve_ds_config(args, precision, device):
     return ds
 
 
+@functools.lru_cache(maxsize=1)
+def read_ids_file(path):
+    """The ids file of code/convert_data.py (read once: is_pretrain_data looks at it first)."""
+    return data_io.safe_load_pickle(path)
+
+
+def is_pretrain_data(args):
+    """True for an ids file of `convert_data.py --mode pretrain`: plain text, no '<end>' to add."""
+    if args.dataset_type != "DatasetIds":
+        return False
+    datas = read_ids_file(args.data_path)
+    return isinstance(datas, dict) and isinstance(datas.get("meta"), dict) and datas["meta"].get("mode") == "pretrain"
+
+
 def load_train_dataset(args, tokenizer):
     if args.dataset_type == "DatasetIds":
-        datas = data_io.safe_load_pickle(args.data_path)
+        datas = read_ids_file(args.data_path)
         return dataset.DatasetIds(tokenizer, datas, args.max_length, source=args.data_path,
                                   max_rows=args.max_training_samples)
     dialogues = data_io.load_dialogues(args.data_path)
@@ -692,7 +707,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.model_path, "--model_path")
         attn_implementation, attn_note = model_loader.training_attention(args.use_flash_attention, device)
         # full fine-tuning trains '<end>' as one token: the data is checked against that tokenizer
-        end_piece_ids = None if args.use_lora else add_end_token(tokenizer)
+        end_piece_ids = None if args.use_lora or is_pretrain_data(args) else add_end_token(tokenizer)
         train_dataset = load_train_dataset(args, tokenizer)
     except (DataError, LoaderError) as e:
         data_io.fail(str(e))

@@ -171,3 +171,21 @@ def encode_segments(tokenizer, segments):
         input_ids.extend(ids)
         labels.extend(ids if learned else [-100] * len(ids))
     return input_ids, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# C-Eval prompts (evaluate_ceval.py, and the tests that train on them)
+# ----------------------------------------------------------------------------------------------
+def ceval_question(row):
+    """One question with its four options, ending at the answer prompt (config.CEVAL['question'])."""
+    return config.CEVAL["question"].format(**{key: row[key] for key in ("question", "A", "B", "C", "D")})
+
+
+def ceval_prompt(subject_name, row, examples=()):
+    """The C-Eval prompt of ``row``: the subject header, the solved ``examples`` (few-shot), then the
+    question; the model's next token after it is the answer letter."""
+    parts = [config.CEVAL["header"].format(subject=subject_name)]
+    for example in examples:
+        parts.append(ceval_question(example) + config.CEVAL["answer"].format(answer=example["answer"]))
+    parts.append(ceval_question(row))
+    return "".join(parts)
