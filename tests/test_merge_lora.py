@@ -2,6 +2,7 @@
 transformers and runs in inference.py, sharding, and an existing --out is refused."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,14 +13,30 @@ import config
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
+def base_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model re-initialised at LLaMA's initializer_range 0.02 (the tiny model's 0.3 gives logits
+    near 17, where fp32 itself cannot hold 1e-5), saved with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.initializer_range = 0.02
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base02") / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    shutil.copy(os.path.join(tiny_model_dir, "tokenizer.model"), out / "tokenizer.model")   # not re-saved by v5
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_dir, tmp_path_factory):
     """A LoRA adapter (config.py's settings) with random non-zero A and B: a fresh adapter's B is zero,
     which would make any merge look exact."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
         r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=0.0, target_modules=config.LORA_TARGET_MODULES,
         bias="none", task_type="CAUSAL_LM"))
     with torch.no_grad():
@@ -28,35 +45,32 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
                 param.copy_(torch.randn_like(param) * 0.05)
     out = tmp_path_factory.mktemp("adapter") / "lora"
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
+def merged(base_dir, adapter_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("merged") / "model")
-    proc = run_script(["code/merge_lora.py", "--model_path", tiny_model_dir, "--lora_path", adapter_dir,
+    proc = run_script(["code/merge_lora.py", "--model_path", base_dir, "--lora_path", adapter_dir,
                        "--out", out, "--max_shard_size", "2MB"], check=True)
     assert "--lora_path none" in proc.stdout
     return out
 
 
-def test_merged_logits_equal_base_plus_adapter(tiny_model_dir, adapter_dir, merged):
+def test_merged_logits_equal_base_plus_adapter(base_dir, adapter_dir, merged):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ids = torch.tensor([tokenizer("问：请推荐五本名著\n答：1.《红楼梦》", add_special_tokens=False)["input_ids"]])
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     with torch.no_grad():
         plain = base(ids).logits
         adapted = PeftModel.from_pretrained(base, adapter_dir).eval()(ids).logits
         merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
     assert (adapted - plain).abs().max() > 1e-2            # the adapter really changes the model
-    # fp32 rounding: W + B·A is rounded once more than W·x + B·A·x.  The tiny model's logits reach about 17,
-    # where one fp32 step is 2e-6, so the bound is 1e-5 of the logit scale (measured: 2.6e-6 of it, 4.4e-5 absolute)
-    scale = adapted.abs().max()
-    assert (merged_logits - adapted).abs().max() <= 1e-5 * scale
+    assert (merged_logits - adapted).abs().max() <= 1e-5
     assert torch.equal(merged_logits.argmax(-1), adapted.argmax(-1))
 
 
@@ -81,14 +95,14 @@ def test_inference_runs_the_merged_model(merged):
     assert "你好" in proc.stdout
 
 
-def test_refuses_a_non_empty_out(tiny_model_dir, adapter_dir, merged):
+def test_refuses_a_non_empty_out(base_dir, adapter_dir, merged):
     before = sorted(os.listdir(merged))
-    proc = run_script(["code/merge_lora.py", "--model_path", tiny_model_dir, "--lora_path", adapter_dir, "--out", merged])
+    proc = run_script(["code/merge_lora.py", "--model_path", base_dir, "--lora_path", adapter_dir, "--out", merged])
     assert proc.returncode != 0 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(os.listdir(merged)) == before
 
 
-def test_fp16_merge_in_process(tiny_model_dir, adapter_dir, tmp_path):
+def test_fp16_merge_in_process(base_dir, adapter_dir, tmp_path):
     """The README's --dtype fp16: half-precision weights on disk, loading as fp16."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -96,7 +110,7 @@ def test_fp16_merge_in_process(tiny_model_dir, adapter_dir, tmp_path):
     import merge_lora
 
     out = str(tmp_path / "fp16")
-    merge_lora.merge(merge_lora.parse_args(["--model_path", tiny_model_dir, "--lora_path", adapter_dir,
+    merge_lora.merge(merge_lora.parse_args(["--model_path", base_dir, "--lora_path", adapter_dir,
                                             "--out", out, "--dtype", "fp16"]))
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
