@@ -80,17 +80,17 @@ def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, not
         for message in reply.prepared.notices:
             gr.Warning(message)
         history = history + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
-        yield "", history
+        yield "", history   # the question box is emptied once; later updates leave what is typed there
         answer = ""
         try:
             for piece in reply:
                 answer += piece
                 history[-1] = {"role": "assistant", "content": answer}
-                yield "", history
+                yield gr.skip(), history
             result = reply.result()
             if result.response != answer:
                 history[-1] = {"role": "assistant", "content": result.response}
-                yield "", history
+                yield gr.skip(), history
         finally:   # Stop, Clear, a closed page: the generation ends at the next token
             reply.cancel()
 
