@@ -78,6 +78,61 @@ class Process:
 
 
 # --------------------------------------------------------------------------------------------------
+# messages -> prompt, stop strings (no server)
+# --------------------------------------------------------------------------------------------------
+def test_messages_become_the_conversation_training_builds():
+    user = lambda text: {"role": "user", "content": text}                 # noqa: E731
+    bot = lambda text: {"role": "assistant", "content": text}             # noqa: E731
+    assert prompt.split_messages([user("q")]) == (None, [], "q")
+    assert prompt.split_messages([{"role": "system", "content": "S"}, {"role": "developer", "content": "T\n"},
+                                  user("a"), bot([{"type": "text", "text": "b"}]), user("c")]) == \
+        ("S\nT\n", [("a", "b")], "c")
+    assert prompt.split_messages([{"role": "system", "content": ""}, user("q")]) == ("", [], "q")
+    for messages, param, words in [
+            (None, "messages", "non-empty list"), ([], "messages", "non-empty list"),
+            (["hi"], "messages[0]", "object"), ([{"content": "x"}], "messages[0].role", "unknown role None"),
+            ([{"role": "tool", "content": "x"}], "messages[0].role", "unknown role 'tool'"),
+            ([user("a"), user("b")], "messages[1].role", "alternate"),
+            ([bot("a"), user("b")], "messages[0].role", "alternate"),
+            ([user("a"), bot("b")], "messages", "last message must be a user"),
+            ([user("a"), {"role": "system", "content": "s"}, user("b")], "messages[1].role", "before"),
+            ([user({"text": "x"})], "messages[0].content", "string"),
+            ([user([{"type": "image_url", "image_url": {}}])], "messages[0].content[0]", "only text")]:
+        with pytest.raises(prompt.MessageError, match=words) as info:
+            prompt.split_messages(messages)
+        assert info.value.param == param
+
+
+def test_meta_prompt_and_refusing_to_cut(loaded):
+    _, tokenizer = loaded
+    segments = prompt.conversation_segments(prompt.chat_turns([], "q"), meta_prompt="M\n")
+    assert segments[0] == ("M\n", False)
+    assert chat.encode_prompt(tokenizer, [], "q", "M\n") == prompt.encode_segments(tokenizer, segments)[0]
+    assert chat.encode_prompt(tokenizer, [], "q") == chat.encode_prompt(tokenizer, [], "q", config.META_PROMPT)
+    history = [(f"问题{i}", "很长的回答" * 20) for i in range(5)]
+    p = chat.build_prompt(tokenizer, history, "最后", None, 300, 64, meta_prompt="M\n", cut_query=False)
+    assert 0 < p.history_used < 5 and p.notices                           # old turns still dropped
+    assert p.input_ids == chat.encode_prompt(tokenizer, history[-p.history_used:], "最后", "M\n")
+    long_query = "这是一段很长的文字。" * 100
+    assert chat.build_prompt(tokenizer, [], long_query, None, 300, 64).query_truncated   # cut by default
+    with pytest.raises(chat.ContextError, match="even without history"):
+        chat.build_prompt(tokenizer, [], long_query, None, 300, 64, cut_query=False)
+    with pytest.raises(chat.ContextError, match="max_new_tokens"):
+        chat.build_prompt(tokenizer, [], "q", None, 300, 300)
+
+
+def test_stop_strings_are_cut_and_never_streamed():
+    stopper = api_server.StopText(["<|x|>", "END"])
+    pieces = ["ab", "c<", "|x", "|>tail"]
+    out = [stopper.feed(p) for p in pieces[:3]]
+    assert out == ["ab", "c", ""] and not stopper.hit          # "<" and "<|x" held back: they may start a stop
+    assert stopper.feed(pieces[3]) == "" and stopper.hit and stopper.text == "abc"
+    stopper = api_server.StopText(["END"])
+    assert [stopper.feed(p) for p in ["E", "x", "EN"]] == ["", "Ex", ""] and stopper.flush() == "EN"
+    assert api_server.StopText([]).feed("END") == "END"
+
+
+# --------------------------------------------------------------------------------------------------
 # the API server, started as the README says
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -116,6 +171,26 @@ def test_server_starts_on_loopback_with_the_toy_model(api, client):
     assert client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def readme_api_example(name):
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        text = f.read()
+    for command in ("python code/api_server.py --demo", "python code/web_demo.py --demo"):
+        assert f"```bash\n{command}\n```" in text    # the commands these tests run (plus a port)
+    start = text.index("<!-- api-example: begin -->\n```python\n") + len("<!-- api-example: begin -->\n```python\n")
+    return text[start:text.index("```\n<!-- api-example: end -->")]
+
+
+def test_readme_client_example_runs(api):
+    code = readme_api_example("README.md")
+    strip = lambda block: [line.split("  #")[0] for line in block.splitlines()]   # noqa: E731
+    assert strip(code) == strip(readme_api_example("README_ch.md"))
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and config.SERVER["port"] == 8000
+    code = code.replace("http://127.0.0.1:8000/v1", api[0] + "/v1").replace('api_key="KEY"', f'api_key="{KEY}"')
+    proc = run_script(["-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == CANNED_ANSWERS[0] + "\n" + CANNED_ANSWERS[1]
 
 
 def test_chat_completion_answers_as_the_model_does(client, loaded):
