@@ -495,7 +495,7 @@ def test_web_demo_streams_an_answer_in_the_browser(demo_run, demo_data, browser,
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     server = Process(demo_command(demo_data, demo_run[2], "--port", str(port), script="code/web_demo.py",
-                                  before=SLOW_TOKENS.format(delay=0.03)), str(tmp_path / "web.log"), url)
+                                  before=SLOW_TOKENS.format(delay=0.06)), str(tmp_path / "web.log"), url)
     try:
         browser.get(url)
         deadline = time.time() + 60
@@ -544,9 +544,24 @@ def test_web_demo_streams_an_answer_in_the_browser(demo_run, demo_data, browser,
         assert browser.save_screenshot(shot) and os.path.getsize(shot) > 10000
         browser.find_element(By.ID, "clear").click()
         deadline = time.time() + 20
-        while bot_messages():
+        while bot_messages() or user_messages():
             assert time.time() < deadline, "Clear history left the messages"
             time.sleep(0.05)
+
+        # Stop ends an answer half way: it grows no more
+        box = browser.find_element(By.CSS_SELECTOR, "#query textarea")
+        box.send_keys(QUERY)
+        box.send_keys(Keys.ENTER)
+        deadline = time.time() + 60
+        while not (bot_messages() and len(bot_messages()[0].strip()) >= 3):
+            assert time.time() < deadline, "no answer started"
+            time.sleep(0.02)
+        browser.find_element(By.ID, "stop").click()
+        time.sleep(1.5)
+        stopped = bot_messages()[0]
+        time.sleep(1.0)
+        assert bot_messages()[0] == stopped
+        assert 0 < len("".join(stopped.split())) < len("".join(CANNED_ANSWERS[0].split()))
         assert "TOY model" in server.output()
     finally:
         server.stop()
