@@ -40,6 +40,11 @@ class ChatError(DataError):
     names the setting to change.  A DataError, so front ends report it like any user mistake."""
 
 
+class ContextError(ChatError):
+    """The prompt cannot fit the model's context: max_new_tokens leaves no room, or (with
+    build_prompt(cut_query=False)) the query alone is too long."""
+
+
 def generation_settings(**overrides):
     """config.GENERATION with the given values replaced (None values are ignored)."""
     settings = dict(config.GENERATION)
@@ -80,17 +85,18 @@ class Prompt:
     notices: list = field(default_factory=list)
 
 
-def encode_prompt(tokenizer, history, query):
-    """Prompt ids for ``history`` (list of (query, response)) followed by the open ``query``."""
-    segments = prompt.conversation_segments(prompt.chat_turns(history, query))
+def encode_prompt(tokenizer, history, query, meta_prompt=None):
+    """Prompt ids for ``history`` (list of (query, response)) followed by the open ``query``;
+    ``meta_prompt`` replaces config.META_PROMPT when given."""
+    segments = prompt.conversation_segments(prompt.chat_turns(history, query), meta_prompt=meta_prompt)
     return prompt.encode_segments(tokenizer, segments)[0]
 
 
-def _turns_that_fit(tokenizer, candidates, query, budget):
+def _turns_that_fit(tokenizer, candidates, query, budget, meta_prompt=None):
     """How many of the most recent ``candidates`` fit with ``query`` in ``budget`` tokens, and the
     ids.  One batched tokenization estimates it from per-segment lengths, a few exact encodes
     confirm it (the first kept turn loses its separator, so lengths shift by a token or two)."""
-    segments = prompt.conversation_segments(prompt.chat_turns(candidates, query))
+    segments = prompt.conversation_segments(prompt.chat_turns(candidates, query), meta_prompt=meta_prompt)
     lengths = [len(ids) for ids in prompt.tokenize_segment_texts(tokenizer, [text for text, _ in segments])]
     total, kept = lengths[0] + lengths[-1], 0
     for index in range(len(candidates) - 1, -1, -1):
@@ -99,12 +105,12 @@ def _turns_that_fit(tokenizer, candidates, query, budget):
             break
         total, kept = total + turn, kept + 1
     n = len(candidates)
-    ids = encode_prompt(tokenizer, candidates[n - kept:], query)
+    ids = encode_prompt(tokenizer, candidates[n - kept:], query, meta_prompt)
     while kept > 0 and len(ids) > budget:
         kept -= 1
-        ids = encode_prompt(tokenizer, candidates[n - kept:], query)
+        ids = encode_prompt(tokenizer, candidates[n - kept:], query, meta_prompt)
     while kept < n:
-        more = encode_prompt(tokenizer, candidates[n - kept - 1:], query)
+        more = encode_prompt(tokenizer, candidates[n - kept - 1:], query, meta_prompt)
         if len(more) > budget:
             break
         kept, ids = kept + 1, more
@@ -112,45 +118,51 @@ def _turns_that_fit(tokenizer, candidates, query, budget):
 
 
 def build_prompt(tokenizer, history, query, memory_limit=config.MEMORY_LIMIT, context_length=2048,
-                 max_new_tokens=config.GENERATION["max_new_tokens"]):
+                 max_new_tokens=config.GENERATION["max_new_tokens"], meta_prompt=None, cut_query=True):
     """The Prompt for ``query`` after ``history``: at most ``memory_limit`` recent turns (None: no
-    limit, 0: none), and no more than fit ``context_length - max_new_tokens`` tokens."""
+    limit, 0: none), and no more than fit ``context_length - max_new_tokens`` tokens.
+    ``meta_prompt`` replaces config.META_PROMPT when given.  A query too long even without history
+    is cut (its beginning kept, with a notice), or with ``cut_query=False`` refused (ContextError)."""
     budget = context_length - max_new_tokens
     if budget <= 0:
-        raise ChatError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {context_length} tokens; lower --max_new_tokens")
+        raise ContextError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                           f"of {context_length} tokens; lower --max_new_tokens")
     history = list(history)
     if memory_limit is not None:
         history = history[-memory_limit:] if memory_limit > 0 else []
     # every turn takes at least two tokens (question template, end marker): older ones cannot fit
     history = history[max(0, len(history) - budget // 2):]
-    ids = encode_prompt(tokenizer, history, query)
+    ids = encode_prompt(tokenizer, history, query, meta_prompt)
     if len(ids) <= budget:
         return Prompt(ids, len(history), query, False)
 
     notices = []
-    kept, ids = _turns_that_fit(tokenizer, history, query, budget) if history else (0, ids)
+    kept, ids = _turns_that_fit(tokenizer, history, query, budget, meta_prompt) if history else (0, ids)
     if kept < len(history):
         notices.append(f"dropped the {len(history) - kept} oldest turn(s) of history to fit the context "
                        f"({context_length} tokens, {max_new_tokens} kept for the answer)")
     if len(ids) <= budget:
         return Prompt(ids, kept, query, False, notices)
 
+    if not cut_query:
+        raise ContextError(f"the prompt takes {len(ids)} tokens even without history; with {max_new_tokens} "
+                           f"kept for the answer the model's context of {context_length} tokens holds at most "
+                           f"{budget}: shorten the query (or the system prompt) or lower max_new_tokens")
     # the query alone is too long: keep its longest beginning that fits
-    if len(encode_prompt(tokenizer, [], "")) > budget:
-        raise ChatError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {context_length} tokens; lower --max_new_tokens")
+    if len(encode_prompt(tokenizer, [], "", meta_prompt)) > budget:
+        raise ContextError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                           f"of {context_length} tokens; lower --max_new_tokens")
     low, high = 0, len(query)   # encode(query[:low]) fits, encode(query[:high + 1]) does not
     while low < high:
         mid = (low + high + 1) // 2
-        if len(encode_prompt(tokenizer, [], query[:mid])) <= budget:
+        if len(encode_prompt(tokenizer, [], query[:mid], meta_prompt)) <= budget:
             low = mid
         else:
             high = mid - 1
     cut = query[:low]
     notices.append(f"the query is too long for the context ({context_length} tokens, {max_new_tokens} kept for "
                    f"the answer): only its first {low} of {len(query)} characters are used")
-    return Prompt(encode_prompt(tokenizer, [], cut), 0, cut, True, notices)
+    return Prompt(encode_prompt(tokenizer, [], cut, meta_prompt), 0, cut, True, notices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,12 +341,14 @@ class Reply:
 
 
 def start_reply(model, tokenizer, history, query, settings=None, memory_limit=config.MEMORY_LIMIT,
-                context_length=None, on_done=None):
+                context_length=None, on_done=None, meta_prompt=None):
     """Stateless: a Reply to ``query`` after ``history`` (list of (query, response)).  What an
-    HTTP front end that receives the whole conversation with each request calls."""
+    HTTP front end that receives the whole conversation with each request calls; ``meta_prompt``
+    replaces config.META_PROMPT when given."""
     settings = settings or generation_settings()
     prepared = build_prompt(tokenizer, history, query, memory_limit,
-                            context_length or context_length_of(model, tokenizer), int(settings["max_new_tokens"]))
+                            context_length or context_length_of(model, tokenizer), int(settings["max_new_tokens"]),
+                            meta_prompt=meta_prompt)
     return Reply(model, tokenizer, prepared, settings, query, on_done)
 
 

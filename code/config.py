@@ -182,6 +182,24 @@ MEMORY_LIMIT = 3   # (query, response) pairs of history fed back with each new q
 CANNED_QUERIES = ["请推荐五本名著，依次列出作品名、作者", "再来三本呢？"]
 
 # --------------------------------------------------------------------------------------------
+# Serving: code/api_server.py (OpenAI-compatible HTTP API) and code/web_demo.py (gradio page)
+# --------------------------------------------------------------------------------------------
+SERVER = {
+    # loopback only: reachable from this machine, not the network.  Bind 0.0.0.0 on purpose (with
+    # --api_key) to serve others.
+    "host": "127.0.0.1",
+    "port": 8000,                  # the API server (OpenAI clients: base_url http://127.0.0.1:8000/v1)
+    "web_port": 7860,              # the web demo (gradio's usual port)
+    "model_name": "cutegpt",       # the id /v1/models lists and requests name in "model"
+    # One generation runs at a time (one model, one CPU/GPU stream); the others wait in a FIFO
+    # queue.  Beyond this many waiting requests new ones get 429 (OpenAI clients retry those).
+    "max_waiting": 64,
+    # While a request waits or streams, its connection is checked this often (seconds) so that a
+    # client that went away gives up its place or stops its generation.
+    "disconnect_poll_s": 0.5,
+}
+
+# --------------------------------------------------------------------------------------------
 # Tiny model (build_tiny_model.py): stands in for the 13B weights in tests and the demo
 # --------------------------------------------------------------------------------------------
 TINY_MODEL = {

@@ -92,6 +92,72 @@ def chat_turns(history, query, input_text=""):
     return turns
 
 
+class MessageError(ValueError):
+    """A chat message list that is no CuteGPT conversation; ``param`` names the offending field
+    (e.g. 'messages[2].role')."""
+
+    def __init__(self, message, param="messages"):
+        super().__init__(message)
+        self.param = param
+
+
+SYSTEM_ROLES = ("system", "developer")   # 'developer' is OpenAI's newer name for the system role
+
+
+def message_text(content, param):
+    """The text of a message's content: a string, or a list of text parts ({'type': 'text', 'text': ...})."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise MessageError("only text content is supported: each content part must be "
+                                   "{'type': 'text', 'text': '...'}", f"{param}[{index}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise MessageError("content must be a string or a list of text parts", param)
+
+
+def split_messages(messages):
+    """(meta_prompt, history, query) from chat messages ({'role', 'content'} dicts, as the OpenAI API
+    and gradio send them): system messages at the start replace config.META_PROMPT (joined by
+    newlines, a final newline added, as META_PROMPT ends in one; None when there are none), then
+    user/assistant turns alternate, starting and ending with a user message."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    system, turns = [], []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise MessageError("each message must be an object with 'role' and 'content'", param)
+        role = message.get("role")
+        if role not in SYSTEM_ROLES + ("user", "assistant"):
+            raise MessageError(f"unknown role {role!r}: use one of 'system', 'user', 'assistant'", f"{param}.role")
+        text = message_text(message.get("content"), f"{param}.content")
+        if role in SYSTEM_ROLES:
+            if turns:
+                raise MessageError("system messages must come before the user and assistant messages", f"{param}.role")
+            system.append(text)
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise MessageError(f"expected a {expected} message here: user and assistant messages must alternate, "
+                               f"starting with a user message", f"{param}.role")
+        turns.append(text)
+    if len(turns) % 2 == 0:
+        raise MessageError("the last message must be a user message (the one to answer)")
+    meta_prompt = None
+    if system:
+        meta_prompt = "\n".join(system)
+        if meta_prompt and not meta_prompt.endswith("\n"):
+            meta_prompt += "\n"
+    history = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
+    return meta_prompt, history, turns[-1]
+
+
 class SentencePieceSegments:
     """Batched, multi-threaded SentencePiece encoding that gives a LLaMA tokenizer's ids.
 

@@ -1,8 +1,13 @@
-"""Shared fixtures: the repo paths, a tiny model built once per test session, script runners."""
+"""Shared fixtures: the repo paths, a tiny model built once per test session, script runners, and the
+toy CuteGPT that `inference.py --demo` builds (once per session, with a smaller test recipe) for the
+tests of inference.py, the API server and the web demo."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
@@ -12,6 +17,20 @@ SAMPLE_PKL = os.path.join(REPO, "data", "test", "ift_data.pkl")
 COMPAT_PKL = os.path.join(os.path.dirname(REPO), "shared", "compat", "cutegpt_original_ift_data.pkl")
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
+
+import config  # noqa: E402
+import data_io  # noqa: E402
+
+SAMPLE = data_io.load_dialogues(SAMPLE_PKL)
+CANNED_DIALOGUE = next(d for d in SAMPLE if [t["instruction"] for t in d[:2]] == config.CANNED_QUERIES)
+CANNED_ANSWERS = [t["output"] for t in CANNED_DIALOGUE[:2]]
+
+# The demo recipe for tests: the same pipeline on 8 dialogues, trained long enough to recall them.
+TEST_DEMO = {
+    "repeat_canned": 1,
+    "finetune": {"max_epoches": 40, "lr": 5e-3, "warmup_steps": 5, "micro_batch_size": 1, "grad_accum": 1,
+                 "seed": 0},
+}
 
 
 def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
@@ -48,3 +67,56 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def demo_command(data_file, demo_dir, *extra, script="inference.py", before=""):
+    """`python SCRIPT --demo --demo_dir DEMO_DIR EXTRA...` with the test recipe patched into config.DEMO
+    (``before``: more Python run first, e.g. a patch that slows the model down)."""
+    patch = dict(TEST_DEMO, data=str(data_file))
+    code = textwrap.dedent(f"""
+        import runpy
+        import sys
+        sys.path.insert(0, {REPO!r})
+        sys.path.insert(0, {CODE!r})
+        import config
+        config.DEMO.update({patch!r})
+    """) + textwrap.dedent(before) + textwrap.dedent(f"""
+        sys.argv = {[script, "--demo", "--demo_dir", str(demo_dir), *extra]!r}
+        runpy.run_path({os.path.join(REPO, script)!r}, run_name="__main__")
+    """)
+    return ["-c", code]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Eight sample dialogues, the canned conversation first."""
+    others = [d for d in SAMPLE if d is not CANNED_DIALOGUE and sum(len(t["output"]) for t in d) < 120][:7]
+    path = tmp_path_factory.mktemp("demo_data") / "dialogues.json"
+    path.write_text(json.dumps([CANNED_DIALOGUE] + others, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_data):
+    """`inference.py --demo` from an empty cache: (process, seconds, cache dir)."""
+    demo_dir = tmp_path_factory.mktemp("demo_cache") / "demo_model"
+    start = time.perf_counter()
+    proc = run_script(demo_command(demo_data, demo_dir), timeout=900)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, seconds, demo_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(demo_run):
+    return str(demo_run[2] / "model")
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    """The demo model and its tokenizer, loaded in the test process (fp32, CPU)."""
+    import model_loader
+
+    model, tokenizer = model_loader.load_model_and_tokenizer(model_dir, quant="fp32", device="cpu",
+                                                             notice=lambda message: None)
+    return model, tokenizer

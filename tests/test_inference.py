@@ -15,14 +15,13 @@ import select
 import shutil
 import signal
 import sys
-import textwrap
 import time
 import warnings
 
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE_PKL, run_script
+from conftest import CANNED_ANSWERS, REPO, demo_command, run_script
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -34,64 +33,6 @@ import demo_model
 import inference
 import model_loader
 import prompt
-
-SAMPLE = data_io.load_dialogues(SAMPLE_PKL)
-CANNED_DIALOGUE = next(d for d in SAMPLE if [t["instruction"] for t in d[:2]] == config.CANNED_QUERIES)
-CANNED_ANSWERS = [t["output"] for t in CANNED_DIALOGUE[:2]]
-
-# The demo recipe for tests: the same pipeline on 8 dialogues, trained long enough to recall them.
-TEST_DEMO = {
-    "repeat_canned": 1,
-    "finetune": {"max_epoches": 40, "lr": 5e-3, "warmup_steps": 5, "micro_batch_size": 1, "grad_accum": 1,
-                 "seed": 0},
-}
-
-
-def demo_command(data_file, demo_dir, *extra):
-    """Run inference.main() with the test recipe patched into config.DEMO."""
-    patch = dict(TEST_DEMO, data=str(data_file))
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {REPO!r})
-        import inference
-        import config
-        config.DEMO.update({patch!r})
-        inference.main({["--demo", "--demo_dir", str(demo_dir), *extra]!r})
-    """)
-    return ["-c", code]
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """Eight sample dialogues, the canned conversation first."""
-    others = [d for d in SAMPLE if d is not CANNED_DIALOGUE and sum(len(t["output"]) for t in d) < 120][:7]
-    path = tmp_path_factory.mktemp("demo_data") / "dialogues.json"
-    path.write_text(json.dumps([CANNED_DIALOGUE] + others, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, demo_data):
-    """`inference.py --demo` from an empty cache: (process, seconds, cache dir)."""
-    demo_dir = tmp_path_factory.mktemp("demo_cache") / "demo_model"
-    start = time.perf_counter()
-    proc = run_script(demo_command(demo_data, demo_dir), timeout=900)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, seconds, demo_dir
-
-
-@pytest.fixture(scope="session")
-def model_dir(demo_run):
-    return str(demo_run[2] / "model")
-
-
-@pytest.fixture(scope="session")
-def loaded(model_dir):
-    model, tokenizer = model_loader.load_model_and_tokenizer(model_dir, quant="fp32", device="cpu",
-                                                             notice=lambda message: None)
-    return model, tokenizer
-
 
 def greedy(**overrides):
     return chat.generation_settings(do_sample=False, repetition_penalty=1.0, **overrides)
