@@ -97,6 +97,15 @@ def load_tokenizer(path, special_end_token):
     return tokenizer
 
 
+def packing_counts(samples, packed, max_length):
+    """Rows and token counts of packed (input_ids, labels) samples, for the ids file's meta."""
+    real = sum(len(ids) for ids, _ in samples)
+    rows = len(packed["input_ids"])
+    return {"rows": rows, "real_tokens": real,
+            "learned_tokens": sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples),
+            "pad_tokens": rows * max_length - real, "real_token_share": real / (rows * max_length)}
+
+
 def convert(args, show_progress=True):
     """Return the ids-file dict for ``args``."""
     from tqdm import tqdm
@@ -116,20 +125,13 @@ def convert(args, show_progress=True):
                         f"{args.max_length}; raise --max_length")
     packed = dataset.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
 
-    real = sum(len(ids) for ids, _ in kept)
-    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in kept)
-    rows = len(packed["input_ids"])
     counts = {
         "dialogues": len(dialogues),
         "turns": sum(len(d) for d in dialogues),
         "samples": len(samples),
         "truncated_samples": truncated,
         "dropped_samples": dropped,
-        "rows": rows,
-        "real_tokens": real,
-        "learned_tokens": learned,
-        "pad_tokens": rows * args.max_length - real,
-        "real_token_share": real / (rows * args.max_length),
+        **packing_counts(kept, packed, args.max_length),
     }
     meta = {
         "mode": "ift",
@@ -162,18 +164,11 @@ def convert_pretrain(args, show_progress=True):
     if not samples:
         raise DataError(f"{args.data_file}: no document has two tokens or more to learn from")
     packed = dataset.pack_samples(samples, args.max_length, dataset.pad_token_id_of(tokenizer))
-    real = sum(len(ids) for ids, _ in samples)
-    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples)
-    rows = len(packed["input_ids"])
     counts = {
         "documents": len(documents),
         "samples": len(samples),
         "cut_documents": cut,          # documents longer than max_length, cut into several samples
-        "rows": rows,
-        "real_tokens": real,
-        "learned_tokens": learned,
-        "pad_tokens": rows * args.max_length - real,
-        "real_token_share": real / (rows * args.max_length),
+        **packing_counts(samples, packed, args.max_length),
     }
     meta = {
         "mode": "pretrain",
