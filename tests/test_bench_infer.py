@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, load_script, run_script
+from conftest import CANNED_ANSWERS, REPO, SAMPLE, demo_command, load_script, run_script
 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -83,9 +83,9 @@ def test_bench_in_memory_int8_equals_the_loaders(tiny_model_dir):
 
 def test_bench_infer_tiny_cpu(tmp_path):
     out = tmp_path / "bench_infer_tiny.json"
-    proc = run_script(["bench/bench_infer.py", "--shape", "tiny", "--variants", "fp32,fp32_fast,int8_fast",
-                       "--batch_sizes", "1,2", "--prompt_len", "16", "--new_tokens", "8", "--json", str(out)],
-                      timeout=300)
+    # the README's command (the default variants of the tiny shape: fp32, fp32_fast, int8_fast)
+    proc = run_script(["bench/bench_infer.py", "--shape", "tiny", "--batch_sizes", "1,2", "--prompt_len", "16",
+                       "--new_tokens", "8", "--json", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant" in proc.stdout and "fp32_fast vs fp32" in proc.stdout
     report = json.loads(out.read_text(encoding="utf-8"))
@@ -129,3 +129,11 @@ def test_fast_int8_without_torchao_is_named(monkeypatch):
     monkeypatch.setattr(model_loader, "torchao_available", lambda: False)
     with pytest.raises(model_loader.LoaderError, match="needs torchao"):
         model_loader.model_load_kwargs("int8", "cpu", True, fast=True)
+
+
+def test_readme_fast_demo_command(demo_run, demo_data):
+    """`python inference.py --demo --fast --greedy` (README, Fast path) on the cached toy model."""
+    proc = run_script(demo_command(demo_data, demo_run[2], "--fast", "--greedy"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for query, answer in zip(config.CANNED_QUERIES, CANNED_ANSWERS):
+        assert f"问：{query}\n答：{answer}\n" in proc.stdout
