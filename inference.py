@@ -10,6 +10,10 @@
     # your own conversation, greedy, saved as JSONL (one object per turn)
     python inference.py --queries "你好" "介绍一下复旦大学" --greedy --output_file chat.jsonl
 
+    # the fast path (config.FAST): static KV cache, the decoding step compiled with CUDA graphs, and int8
+    # weights by torchao's weight-only kernels instead of bitsandbytes (first answer waits for the compile)
+    CUDA_VISIBLE_DEVICES=0 python inference.py --fast --quant int8
+
     # a terminal chat: tokens appear as they are generated; /clear forgets the history, /quit leaves,
     # Ctrl-C stops the current answer (not the program)
     python inference.py --interactive

@@ -6,6 +6,9 @@
     # the offline toy model, nothing to download (built and cached the first time, as inference.py --demo)
     python code/api_server.py --demo
 
+    # the fast path (as inference.py --fast: static KV cache, compiled decoding step, torchao int8)
+    python code/api_server.py --fast --quant int8
+
     # your own checkpoint, another port, and a key every request must bring (Authorization: Bearer KEY)
     python code/api_server.py --model_path MODEL_DIR --lora_path ckp/llama_lora/llama_lora_epoch3 \\
         --port 8001 --api_key KEY

@@ -256,9 +256,10 @@ class Reply:
     """One answer being generated.  Iterate for text pieces as they are produced (their
     concatenation is the final response); ``cancel()`` from any thread stops the generation at
     the next token; ``result()`` waits for the end and returns the TurnResult.  A Chat records the
-    turn in its history when the iteration ends or ``result()`` is called."""
+    turn in its history when the iteration ends or ``result()`` is called.  ``generate_overrides``
+    replaces generate() arguments (bench_infer.py forces the answer length with min_new_tokens)."""
 
-    def __init__(self, model, tokenizer, prepared, settings, query, on_done=None):
+    def __init__(self, model, tokenizer, prepared, settings, query, on_done=None, generate_overrides=None):
         self.tokenizer, self.prepared, self.query, self.on_done = tokenizer, prepared, query, on_done
         self.cancelled = threading.Event()
         self._pieces = queue.Queue()
@@ -267,7 +268,7 @@ class Reply:
         self._result = None
         self._error = None
         self._done = threading.Event()
-        kwargs = generate_kwargs(settings, tokenizer)
+        kwargs = dict(generate_kwargs(settings, tokenizer), **(generate_overrides or {}))
         self._max_new_tokens = kwargs["max_new_tokens"]
         self._eos = set(kwargs["eos_token_id"])
         input_ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=input_device(model))

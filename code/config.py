@@ -179,6 +179,28 @@ GENERATION = {
     "max_new_tokens": 256,
 }
 MEMORY_LIMIT = 3   # (query, response) pairs of history fed back with each new query
+# --fast (model_loader.add_model_arguments: inference.py, the API server, the web demo, bench_infer.py).
+# Decoding one token at batch 1 reads every weight once, so its speed is set by memory bandwidth; plain
+# generate() spends most of a step in Python and kernel launches instead (13B on an H200: bf16 8.8
+# tokens/s where 4.27 TB/s / 26.4 GB allows ~160; bitsandbytes int8 3.3 where ~300 is allowed).  The
+# fast path uses only transformers' own switches on the model's generation_config:
+# - a static KV cache of FAST["max_cache_len"] positions, allocated once: one shape for every request,
+#   so the compiled step is reused (a cache sized per request would recompile for every new length).
+#   2048 = LLaMA's context; at 13B it takes 2 (K, V) x 40 layers x 2048 x 5120 x 2 bytes = 1.6 GiB per
+#   sequence in bf16, so int8 weights (~12.9 GiB) + cache stay under 16 GiB at batch 1 (a 24 GB card);
+# - on a CUDA GPU, generate() compiles the decoding step with torch.compile (FAST["compile"] is
+#   transformers' CompileConfig: mode "reduce-overhead" replays it as a CUDA graph).  On a CPU
+#   transformers does not compile: the static cache alone runs there (what the CPU tests check);
+# - --quant int8 with --fast: int8 weight-only kernels of torchao (TorchAoConfig(Int8WeightOnlyConfig()),
+#   one scale per output channel, activations in bf16 where the GPU has
+#   it, else fp16, fp32 on a CPU) instead of bitsandbytes' LLM.int8() (int8 x int8 with
+#   fp16 outlier columns), which cannot be compiled and is the slowest path; --quant int8 without --fast
+#   stays the seed's bitsandbytes int8.  nf4 has no fast path here (bitsandbytes 4-bit is not compiled).
+FAST = {
+    "max_cache_len": 2048,
+    "compile": {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False},
+}
+
 CANNED_QUERIES = ["请推荐五本名著，依次列出作品名、作者", "再来三本呢？"]
 
 # --------------------------------------------------------------------------------------------

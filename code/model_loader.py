@@ -186,8 +186,25 @@ def compute_dtype(device):
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
-def model_load_kwargs(quant, device, device_given, attn_implementation=None):
-    """Keyword arguments of ``from_pretrained`` for a quantization mode and device."""
+def torchao_available():
+    try:
+        import torchao  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def fast_int8_config():
+    """The torchao quantization --fast --quant int8 loads with: int8 weight-only, one scale per output
+    channel (what TorchAoConfig applies to each linear layer as its weight is loaded)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def model_load_kwargs(quant, device, device_given, attn_implementation=None, fast=False):
+    """Keyword arguments of ``from_pretrained`` for a quantization mode and device (``fast``: the
+    --fast path, which loads int8 with torchao instead of bitsandbytes)."""
     kwargs = {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -195,7 +212,19 @@ def model_load_kwargs(quant, device, device_given, attn_implementation=None):
     # accelerate's device map: spread over the visible GPUs ("auto", as the seed did) unless the
     # user named one device
     device_map = {"": device} if (device_given or not on_cuda) else "auto"
-    if quant in ("int8", "nf4"):
+    if fast and quant == "nf4":
+        raise LoaderError("--fast has no nf4 path (bitsandbytes 4-bit is not compiled): use --fast with "
+                          "--quant int8 or bf16, or drop --fast")
+    if fast and quant == "int8":
+        if not torchao_available():
+            raise LoaderError("--fast --quant int8 needs torchao (int8 weight-only kernels), which is not installed: "
+                              "`pip install torchao`, or drop --fast for bitsandbytes int8")
+        from transformers import TorchAoConfig
+
+        kwargs["quantization_config"] = TorchAoConfig(fast_int8_config())
+        kwargs["dtype"] = compute_dtype(device)
+        kwargs["device_map"] = device_map
+    elif quant in ("int8", "nf4"):
         if not bitsandbytes_available():
             raise LoaderError(f"--quant {quant} needs bitsandbytes, which is not installed: "
                               f"`pip install bitsandbytes`, or use --quant bf16/fp16 (GPU) or fp32 (CPU)")
@@ -342,7 +371,7 @@ def _apply_adapter(model, adapter_dir, flag="--lora_path"):
 # the whole load
 # ----------------------------------------------------------------------------------------------
 def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None, attn_implementation=None,
-                             notice=_notice):
+                             notice=_notice, fast=False):
     """(model, tokenizer) ready for generation (eval mode).
 
     model_path: base or full model (local dir or Hugging Face id).
@@ -352,6 +381,8 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
             over the visible GPUs by accelerate's device map unless a device is named).
     attn_implementation: e.g. 'sdpa', 'eager', 'flash_attention_2'; None: transformers' default.
     notice: called with one-line notes for the user (default: print to stderr).
+    fast: the --fast path (config.FAST): static KV cache, compiled decoding step on a GPU, and for
+          int8 torchao's weight-only kernels instead of bitsandbytes (see enable_fast_path).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -364,7 +395,7 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
                    "memory here; --quant int8 needs a GPU to be practical)")
     if quant not in QUANT_CHOICES:
         raise LoaderError(f"--quant {quant}: unknown; choose one of {', '.join(QUANT_CHOICES)}")
-    load_kwargs = model_load_kwargs(quant, device, device_given, attn_implementation)
+    load_kwargs = model_load_kwargs(quant, device, device_given, attn_implementation, fast)
 
     model_dir = resolve_path(model_path, "--model_path")
     if is_adapter_dir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -405,7 +436,31 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
     if adapter_dir:
         model = _apply_adapter(model, adapter_dir)
     model.eval()
+    if fast:
+        enable_fast_path(model)
     return model, tokenizer
+
+
+def enable_fast_path(model):
+    """Switch ``model`` to the --fast generation path (config.FAST), through transformers' own
+    generation_config switches: a static KV cache of FAST["max_cache_len"] positions (never more than
+    the model's context), which makes generate() compile the decoding step on a CUDA GPU with
+    FAST["compile"] (transformers' CompileConfig).  Every later ``generate`` call uses it."""
+    import config
+    from transformers import CompileConfig
+
+    generation_config = model.generation_config
+    context = getattr(model.config, "max_position_embeddings", None) or config.FAST["max_cache_len"]
+    generation_config.cache_implementation = "static"
+    generation_config.max_cache_len = min(config.FAST["max_cache_len"], int(context))
+    if model.device.type == "cuda":   # transformers compiles on a GPU only (a CPU would warn and skip it)
+        generation_config.compile_config = CompileConfig(**config.FAST["compile"])
+    return model
+
+
+def fast_path_active(model):
+    """True when ``model`` generates with the --fast path's static cache."""
+    return getattr(model.generation_config, "cache_implementation", None) == "static"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +470,7 @@ NONE_WORDS = ("none", "None", "")
 
 
 def add_model_arguments(parser, demo=True):
-    """--model_path --lora_path --quant --device --attn_implementation (and --demo --demo_dir)."""
+    """--model_path --lora_path --quant --device --attn_implementation --fast (and --demo --demo_dir)."""
     import config
 
     parser.add_argument("--model_path", default=None,
@@ -431,6 +486,11 @@ def add_model_arguments(parser, demo=True):
                         help="cpu, cuda or cuda:N (default: the GPUs when visible, spread by accelerate; else cpu)")
     parser.add_argument("--attn_implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"],
                         help="attention kernel (default: transformers' choice, sdpa)")
+    parser.add_argument("--fast", action="store_true",
+                        help="fast generation (config.FAST): static KV cache, and on a CUDA GPU the decoding step "
+                             "compiled by torch.compile (CUDA graphs; compiling takes a while on the first answer); "
+                             "with --quant int8 the weights are int8 by torchao's weight-only kernels instead of "
+                             "bitsandbytes (needs torchao). Not with --quant nf4")
     if demo:
         parser.add_argument("--demo", action="store_true",
                             help="offline toy model trained on data/test/ift_data.pkl (built and cached the first "
@@ -441,6 +501,9 @@ def add_model_arguments(parser, demo=True):
 
 def check_model_arguments(parser, args):
     """Conflicts among the model flags end in parser.error (exit 2, one line naming the fix)."""
+    if getattr(args, "fast", False) and args.quant == "nf4":
+        parser.error("--fast has no nf4 path (bitsandbytes 4-bit is not compiled): use --quant int8 or bf16 "
+                     "with --fast, or drop --fast")
     if not getattr(args, "demo", False):
         if getattr(args, "demo_dir", None) is not None:
             parser.error("--demo_dir only applies with --demo")
@@ -474,7 +537,8 @@ def load_from_args(args, notice=_notice):
         model_path, lora_path = model_choice(args)
         quant, device = args.quant, args.device
     return load_model_and_tokenizer(model_path, lora_path=lora_path, quant=quant, device=device,
-                                    attn_implementation=args.attn_implementation, notice=notice)
+                                    attn_implementation=args.attn_implementation, notice=notice,
+                                    fast=getattr(args, "fast", False))
 
 
 # ----------------------------------------------------------------------------------------------

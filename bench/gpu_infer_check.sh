@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The unattended GPU check of inference.py's generation path (bench/bench_infer.py), for one H200.
+#
+#     OUT=/some/folder bash bench/gpu_infer_check.sh        # from the repo root, or anywhere
+#
+# 1. installs the wheels carried in .whl/ (if any; e.g. torchao, bitsandbytes) into $SITE (default
+#    /tmp/site), offline, and puts it on PYTHONPATH;
+# 2. prints nvidia-smi, the Python / torch / CUDA / package versions;
+# 3. a smoke run: tiny shape on the GPU, bf16 plain and --fast (compiles; catches a broken install);
+# 4. 13B shape, 512-token prompts, 64 new tokens, batch 1 and 8: int8_fast (torchao int8 weight-only +
+#    static cache + CUDA graphs, the weights built on the GPU and quantized in memory as the loader does),
+#    bf16_fast, bf16 (plain) -> $OUT/bench_infer_13b_fast.json;
+# 5. 13B shape, the bitsandbytes baselines through the loader: int8 (the faithful default) and nf4, batch 1,
+#    32 new tokens (3.3 and 14 tokens/s in the baseline); saves the random weights once (26 GB, under
+#    $WEIGHTS, default /tmp/bench_infer_weights, removed at the end) -> $OUT/bench_infer_13b_bnb.json.
+# Everything printed also goes to $OUT/log.  Expected wall time on an H200: about 5-7 minutes (building a
+# 13B model on the GPU ~10-20 s, each compile of the decoding step ~30-90 s per batch size, bitsandbytes
+# int8 decoding ~20 s per call, saving + loading 26 GB ~1-2 min); the time-outs (60 s smoke, 270 s fast
+# variants, 180 s bitsandbytes) bound it near 8.5 minutes; each JSON is rewritten after each variant, so a
+# time-out keeps what was measured.  A missing package (torchao, bitsandbytes) is named by bench_infer.py
+# (exit 2) and the other step still runs.
+# Exit status: 0 when both 13B runs succeeded, else that of the first that did not (1 a variant failed,
+# 2 missing package / no GPU, 124 timed out).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-/tmp/bench_infer_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+WEIGHTS=${WEIGHTS:-/tmp/bench_infer_weights}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+run() {
+    echo "== $(date -u '+%F %T') UTC, $(hostname), repo $(pwd)"
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        echo "== installing carried wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+            echo "!! batch install failed; installing the wheels one by one"
+            for wheel in .whl/*.whl; do
+                "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" \
+                    || echo "!! skipped $(basename "$wheel") (bench_infer.py names what is missing)"
+            done
+        fi
+        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "== no .whl/ folder: using the installed packages"
+    fi
+    echo "== nvidia-smi"
+    nvidia-smi || echo "!! nvidia-smi failed"
+    echo "== versions"
+    "$PY" - <<'PYEOF'
+import importlib.metadata as md, platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "transformers", "accelerate", "safetensors", "peft", "bitsandbytes", "torchao",
+             "sentencepiece", "tokenizers", "numpy", "triton"):
+    try:
+        print(f"  {name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"  {name} not installed")
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu available", torch.cuda.is_available(),
+          torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+except Exception as e:
+    print("!! torch:", type(e).__name__, e)
+PYEOF
+    echo "== smoke: tiny shape on the GPU, bf16 plain and fast"
+    timeout -k 10 60 "$PY" bench/bench_infer.py --shape tiny --device cuda --variants bf16,bf16_fast \
+        --batch_sizes 1 --new_tokens 8 --json "$OUT/bench_infer_tiny_gpu.json"
+    echo "== smoke exit status: $?"
+    echo "== 13B shape: fast paths and bf16 plain, batch 1 and 8"
+    timeout -k 15 270 "$PY" bench/bench_infer.py --shape 13b --variants int8_fast,bf16_fast,bf16 \
+        --batch_sizes 1,8 --json "$OUT/bench_infer_13b_fast.json"
+    local rc_fast=$?
+    echo "== 13B fast exit status: $rc_fast"
+    echo "== 13B shape: bitsandbytes int8 (default) and nf4 through the loader, batch 1"
+    timeout -k 15 180 "$PY" bench/bench_infer.py --shape 13b --variants int8,nf4 --batch_sizes 1 \
+        --new_tokens 32 --weights_dir "$WEIGHTS" --json "$OUT/bench_infer_13b_bnb.json"
+    local rc_bnb=$?
+    echo "== 13B bitsandbytes exit status: $rc_bnb"
+    rm -rf "$WEIGHTS"
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv || true
+    echo "== done $(date -u '+%F %T') UTC"
+    if [ "$rc_fast" -ne 0 ]; then return "$rc_fast"; fi
+    return "$rc_bnb"
+}
+
+run 2>&1 | tee "$OUT/log"
+exit "${PIPESTATUS[0]}"
