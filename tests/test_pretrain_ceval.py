@@ -75,7 +75,7 @@ def pretrained(tiny_model_dir, ceval_dir, tmp_path_factory):
     assert "32 documents" in proc.stdout
     data = str(work / "data" / "llama_pretrain_data_ids.pkl")
     proc = run_script(["code/finetune.py", "--model_path", tiny_model_dir, "--dataset_type", "DatasetIds",
-                       "--data_path", data, "--max_length", str(MAX_LENGTH), "--max_epoches", "20",
+                       "--data_path", data, "--max_length", str(MAX_LENGTH), "--max_epoches", "30",
                        "--save_dir", str(work / "ckp"), "--save_name", "pt", "--micro_batch_size", "4",
                        "--grad_accum", "1", "--lr", "1e-2", "--warmup_steps", "5", "--save_steps", "100000",
                        "--no_progress", "--seed", "1"], check=True)
@@ -126,7 +126,7 @@ def test_long_documents_are_chunked_not_dropped(tiny_model_dir, tmp_path):
 def test_pretraining_lowers_the_loss(pretrained):
     with open(os.path.join(pretrained[1], "train_log.jsonl"), encoding="utf-8") as f:
         losses = [json.loads(line)["loss"] for line in f]
-    assert len(losses) == 40
+    assert len(losses) == 60
     assert sum(losses[-3:]) / 3 < 0.1 * sum(losses[:3]) / 3
 
 
@@ -141,7 +141,7 @@ def evaluate(model_dir, ceval_dir, out_file, *extra):
 
 
 def test_trained_model_scores_far_above_chance_untrained_near_it(tiny_model_dir, ceval_dir, pretrained, tmp_path):
-    trained, stdout = evaluate(os.path.join(pretrained[1], "pt_epoch19"), ceval_dir, str(tmp_path / "t.json"),
+    trained, stdout = evaluate(os.path.join(pretrained[1], "pt_epoch29"), ceval_dir, str(tmp_path / "t.json"),
                                "--shots", "0", "--model_name", "tiny-pt")
     untrained, _ = evaluate(tiny_model_dir, ceval_dir, str(tmp_path / "u.json"), "--batch_size", "5")
     zero = trained["results"]["0-shot"]
