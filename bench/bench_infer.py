@@ -55,12 +55,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
+BENCH = os.path.dirname(os.path.abspath(__file__))
+for path in (CODE, BENCH):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
-# the LLaMA-13B shape with CuteGPT's extended vocabulary (the shape of the H200 baseline)
-SHAPE_13B = {"vocab_size": 49954, "hidden_size": 5120, "num_layers": 40, "num_heads": 40,
-             "intermediate_size": 13824, "max_position_embeddings": 2048, "initializer_range": 0.02}
+# the model shapes (13B: LLaMA-13B with CuteGPT's vocabulary, the shape of the H200 baseline) are
+# bench_train's, so training and inference are measured on the same model
+from bench_train import SHAPE_13B, shape_of  # noqa: E402
 
 # variant: (--quant, --fast, where the weights come from)
 VARIANTS = {
@@ -127,16 +129,6 @@ def check_packages(variant_list):
 # ----------------------------------------------------------------------------------------------
 # model directory, weights
 # ----------------------------------------------------------------------------------------------
-def shape_of(name):
-    if name == "13b":
-        return dict(SHAPE_13B)
-    import config
-
-    t = config.TINY_MODEL
-    return {k: t[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                              "max_position_embeddings", "initializer_range")}
-
-
 def prepare_model_dir(shape, directory, tokenizer_dir):
     """config.json of the shape + the tokenizer files: what --model_path points at (weights added later
     by save_random_weights when a variant loads them)."""

@@ -27,43 +27,13 @@ OUT=${OUT:-/tmp/bench_infer_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
+# shellcheck source=gpu_setup.sh
+source bench/gpu_setup.sh
 WEIGHTS=${WEIGHTS:-/tmp/bench_infer_weights}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 run() {
-    echo "== $(date -u '+%F %T') UTC, $(hostname), repo $(pwd)"
-    if compgen -G ".whl/*.whl" > /dev/null; then
-        echo "== installing carried wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
-        if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
-            echo "!! batch install failed; installing the wheels one by one"
-            for wheel in .whl/*.whl; do
-                "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" \
-                    || echo "!! skipped $(basename "$wheel") (bench_infer.py names what is missing)"
-            done
-        fi
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "== no .whl/ folder: using the installed packages"
-    fi
-    echo "== nvidia-smi"
-    nvidia-smi || echo "!! nvidia-smi failed"
-    echo "== versions"
-    "$PY" - <<'PYEOF'
-import importlib.metadata as md, platform, sys
-print("python", platform.python_version(), sys.executable)
-for name in ("torch", "transformers", "accelerate", "safetensors", "peft", "bitsandbytes", "torchao",
-             "sentencepiece", "tokenizers", "numpy", "triton"):
-    try:
-        print(f"  {name} {md.version(name)}")
-    except md.PackageNotFoundError:
-        print(f"  {name} not installed")
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu available", torch.cuda.is_available(),
-          torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-except Exception as e:
-    print("!! torch:", type(e).__name__, e)
-PYEOF
+    gpu_setup bench_infer.py torch transformers accelerate safetensors peft bitsandbytes torchao sentencepiece tokenizers numpy triton
     echo "== smoke: tiny shape on the GPU, bf16 plain and fast"
     timeout -k 10 60 "$PY" bench/bench_infer.py --shape tiny --device cuda --variants bf16,bf16_fast \
         --batch_sizes 1 --new_tokens 8 --json "$OUT/bench_infer_tiny_gpu.json"

@@ -25,46 +25,12 @@ OUT=${OUT:-/tmp/bench_train_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
+# shellcheck source=gpu_setup.sh
+source bench/gpu_setup.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 run() {
-    echo "== $(date -u '+%F %T') UTC, $(hostname), repo $(pwd)"
-    if compgen -G ".whl/*.whl" > /dev/null; then
-        echo "== installing carried wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
-        if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
-            # one wheel for another Python/platform fails the whole batch: install the others one by one
-            echo "!! batch install failed; installing the wheels one by one"
-            for wheel in .whl/*.whl; do
-                "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" \
-                    || echo "!! skipped $(basename "$wheel") (bench_train.py names what is missing)"
-            done
-        fi
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "== no .whl/ folder: using the installed packages"
-    fi
-    echo "== nvidia-smi"
-    nvidia-smi || echo "!! nvidia-smi failed"
-    echo "== versions"
-    "$PY" - <<'EOF'
-import importlib.metadata as md, platform, sys
-print("python", platform.python_version(), sys.executable)
-for name in ("torch", "transformers", "peft", "deepspeed", "accelerate", "safetensors", "hjson", "ninja",
-             "py-cpuinfo", "msgpack", "einops", "pydantic", "pydantic-core", "psutil", "packaging", "numpy",
-             "tqdm", "bitsandbytes", "flash-attn", "liger-kernel", "torchao", "nvidia-ml-py"):
-    try:
-        print(f"  {name} {md.version(name)}")
-    except md.PackageNotFoundError:
-        print(f"  {name} not installed")
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu available", torch.cuda.is_available(),
-          torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-    print("sdpa backends: flash", torch.backends.cuda.flash_sdp_enabled(), "mem_efficient",
-          torch.backends.cuda.mem_efficient_sdp_enabled(), "math", torch.backends.cuda.math_sdp_enabled())
-except Exception as e:
-    print("!! torch:", type(e).__name__, e)
-EOF
+    gpu_setup bench_train.py torch transformers peft deepspeed accelerate safetensors hjson ninja py-cpuinfo msgpack einops pydantic pydantic-core psutil packaging numpy tqdm bitsandbytes flash-attn liger-kernel torchao nvidia-ml-py
     echo "== smoke: tiny shape on the GPU"
     timeout -k 10 90 "$PY" bench/bench_train.py --shape tiny --steps 2 --warmup 1 \
         --json "$OUT/bench_train_tiny_gpu.json"

@@ -295,7 +295,7 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, 
         model.zero_grad()
         loss_sum, count = finetune.forward_loss_sum(model, batch, "sdpa", torch.float32, loss_chunk=chunk)
         loss_sum.backward()
-        return float(loss_sum), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss_sum.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     whole_loss, whole_count, whole_grads = loss_and_grads(0)
     # the reference: the model's own logits over every position, masked the same way
