@@ -252,6 +252,33 @@ class _ReplyStreamer(BaseStreamer):
         pass
 
 
+class _GenerationWorker:
+    """One long-lived thread runs every generate() of the process, one after the other.
+
+    Compiled CUDA graphs (--fast) are kept per thread by PyTorch, so a new thread for every answer
+    would record them again each time; one thread records them once.  It is a daemon, so an exit
+    never waits for a generation (a cancelled one stops at its next token anyway)."""
+
+    def __init__(self):
+        self._jobs = queue.Queue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def submit(self, job):
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="cutegpt-generate")
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _loop(self):
+        while True:
+            self._jobs.get()()
+
+
+_GENERATION_WORKER = _GenerationWorker()
+
+
 class Reply:
     """One answer being generated.  Iterate for text pieces as they are produced (their
     concatenation is the final response); ``cancel()`` from any thread stops the generation at
@@ -273,13 +300,11 @@ class Reply:
         self._eos = set(kwargs["eos_token_id"])
         input_ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=input_device(model))
         criteria = StopAtMarkerOrCancel(tokenizer, input_ids.shape[1], self.cancelled)
-        self._thread = threading.Thread(
-            target=self._run, daemon=True,
-            args=(model, dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=_ReplyStreamer(self),
-                              stopping_criteria=StoppingCriteriaList([criteria]), **kwargs)))
-        self._thread.start()
+        generate_args = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             streamer=_ReplyStreamer(self), stopping_criteria=StoppingCriteriaList([criteria]), **kwargs)
+        _GENERATION_WORKER.submit(lambda: self._run(model, generate_args))
 
-    # -- generation thread ---------------------------------------------------------------------
+    # -- generation (on the worker thread) -----------------------------------------------------
     def _run(self, model, kwargs):
         try:
             with torch.inference_mode():
@@ -322,7 +347,6 @@ class Reply:
     def result(self):
         """Wait for the generation to end; the TurnResult (raises what the generation raised)."""
         self._done.wait()
-        self._thread.join()
         if self._error is not None:
             raise self._error
         if self._result is None:

@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -146,6 +147,29 @@ def test_streamed_pieces_add_up_to_the_answer(loaded):
     pieces = list(reply)
     assert len(pieces) > 3
     assert "".join(pieces) == reply.result().response == CANNED_ANSWERS[0]
+
+
+def test_every_answer_is_generated_on_one_long_lived_thread(loaded):
+    """--fast's compiled CUDA graphs are kept per thread, so every generate() runs on one worker thread."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, tokenizer = loaded
+    threads = []
+
+    class RecordThread(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            threads.append(threading.current_thread())
+            return scores
+
+    answers = []
+    for query in config.CANNED_QUERIES:
+        prepared = chat.build_prompt(tokenizer, [], query)
+        reply = chat.Reply(model, tokenizer, prepared, greedy(max_new_tokens=5), query,
+                           generate_overrides={"logits_processor": LogitsProcessorList([RecordThread()])})
+        answers.append(reply.result())
+    assert len(threads) == sum(a.new_tokens for a in answers) >= 2
+    assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
+    assert threads[0].name == "cutegpt-generate" and threads[0].daemon
 
 
 def test_greedy_repeats_and_sampling_samples(loaded):
