@@ -17,6 +17,7 @@ History beyond ``memory_limit`` turns is not fed back (the seed's memory_limit =
 plus max_new_tokens would pass the model's context, the oldest turns are dropped, and if the query
 alone is still too long it is cut (its beginning is kept) with a notice.
 """
+import atexit
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -256,24 +257,41 @@ class _GenerationWorker:
     """One long-lived thread runs every generate() of the process, one after the other.
 
     Compiled CUDA graphs (--fast) are kept per thread by PyTorch, so a new thread for every answer
-    would record them again each time; one thread records them once.  It is a daemon, so an exit
-    never waits for a generation (a cancelled one stops at its next token anyway)."""
+    would record them again each time; one thread records them once.  At exit the thread is told to
+    end and joined (a thread of torch still alive while the interpreter shuts down can abort it); it
+    is a daemon, so an exit waits at most EXIT_WAIT_S for a generation still running."""
+
+    EXIT_WAIT_S = 10
 
     def __init__(self):
         self._jobs = queue.Queue()
         self._thread = None
         self._lock = threading.Lock()
+        self._exit_hook = False
 
     def submit(self, job):
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="cutegpt-generate")
                 self._thread.start()
+            if not self._exit_hook:
+                atexit.register(self.stop)
+                self._exit_hook = True
         self._jobs.put(job)
+
+    def stop(self):
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._jobs.put(None)
+            thread.join(self.EXIT_WAIT_S)
 
     def _loop(self):
         while True:
-            self._jobs.get()()
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
 
 
 _GENERATION_WORKER = _GenerationWorker()
