@@ -42,7 +42,6 @@ every variant, so a time-out keeps what was measured.
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
@@ -60,9 +59,9 @@ for path in (CODE, BENCH):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-# the model shapes (13B: LLaMA-13B with CuteGPT's vocabulary, the shape of the H200 baseline) are
-# bench_train's, so training and inference are measured on the same model
-from bench_train import SHAPE_13B, shape_of  # noqa: E402
+# the model shapes (13B: LLaMA-13B with CuteGPT's vocabulary, the shape of the H200 baseline), the machine
+# description and the JSON writer are bench_train's: training and inference are measured and recorded alike
+from bench_train import machine_info, shape_of, write_json  # noqa: E402
 
 # variant: (--quant, --fast, where the weights come from)
 VARIANTS = {
@@ -202,8 +201,6 @@ def quantize_in_memory(model):
 
 def load_variant(name, model_dir, device, seed):
     """(model, tokenizer, how) for a variant."""
-    import torch
-
     import model_loader
 
     quant, fast, source = VARIANTS[name]
@@ -397,25 +394,6 @@ def table(results, memory_unit):
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
-def machine_info(device):
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_GiB"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def write_json(path, report):
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
 
 
 def parse_args(argv=None):
