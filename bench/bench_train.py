@@ -299,6 +299,7 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
+    import dataset
     import finetune
     import model_loader
 
@@ -327,7 +328,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     train_dataset = finetune.load_train_dataset(args, None)
     micro_batch, grad_accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=0, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler, drop_last=True)
+    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                        collate_fn=dataset.collate_rows)
     sampler.set_epoch(0)
 
     gc.collect()

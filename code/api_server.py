@@ -515,29 +515,38 @@ def create_app(model, tokenizer, model_name=config.SERVER["model_name"], api_key
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    s = config.SERVER
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_loader.add_model_arguments(p)
-    p.add_argument("--host", default=s["host"],
-                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 serves the "
-                        "network: give --api_key then)")
-    p.add_argument("--port", type=int, default=s["port"], help="port (default: %(default)s)")
-    p.add_argument("--api_key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every /v1 request (default: no key)")
-    p.add_argument("--model_name", default=s["model_name"],
-                   help="model id that /v1/models lists and requests give as 'model' (default: %(default)s)")
-    p.add_argument("--memory_limit", type=int, default=config.MEMORY_LIMIT,
-                   help="earlier (user, assistant) turns of a request fed to the model, 0 = none "
-                        "(default: %(default)s, as inference.py)")
-    p.add_argument("--max_waiting", type=int, default=s["max_waiting"],
-                   help="requests that may wait for the model; more get 429 (default: %(default)s)")
-    args = p.parse_args(argv)
-    model_loader.check_model_arguments(p, args)
+def add_listen_arguments(p, port, host_note, memory_help):
+    """--host, --port and --memory_limit: shared by this server and web_demo.py."""
+    p.add_argument("--host", default=config.SERVER["host"],
+                   help=f"address to listen on (default: %(default)s, this machine only; 0.0.0.0 serves the "
+                        f"network{host_note})")
+    p.add_argument("--port", type=int, default=port, help="port (default: %(default)s)")
+    p.add_argument("--memory_limit", type=int, default=config.MEMORY_LIMIT, help=memory_help)
+
+
+def check_listen_arguments(p, args):
     if not 0 < args.port < 65536:
         p.error(f"--port {args.port}: must be 1 to 65535")
     if args.memory_limit < 0:
         p.error("--memory_limit must be 0 (no history) or more")
+
+
+def parse_args(argv=None):
+    s = config.SERVER
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_loader.add_model_arguments(p)
+    add_listen_arguments(p, s["port"], ": give --api_key then",
+                         "earlier (user, assistant) turns of a request fed to the model, 0 = none "
+                         "(default: %(default)s, as inference.py)")
+    p.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 request (default: no key)")
+    p.add_argument("--model_name", default=s["model_name"],
+                   help="model id that /v1/models lists and requests give as 'model' (default: %(default)s)")
+    p.add_argument("--max_waiting", type=int, default=s["max_waiting"],
+                   help="requests that may wait for the model; more get 429 (default: %(default)s)")
+    args = p.parse_args(argv)
+    model_loader.check_model_arguments(p, args)
+    check_listen_arguments(p, args)
     if args.max_waiting < 1:
         p.error("--max_waiting must be 1 or more")
     if args.api_key is not None and not args.api_key.strip():

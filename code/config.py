@@ -81,6 +81,12 @@ MAX_LENGTH = 2048              # tokens per training row (LLaMA's context)
 MAX_DIALOGUES_PER_SAMPLE = 10  # the seed shuffles and joins 1..10 dialogues into one multi-round sample
 CONVERT_SEED = 0               # same seed, same bytes
 TOKENIZE_BATCH = 1024          # segments per fast-tokenizer call
+# Training cuts every micro-batch to its longest row (padding after it is never computed), rounded up
+# to a multiple of 8 so bf16 matrix shapes stay tensor-core friendly.  convert_data.py spreads samples
+# evenly over its rows, so rows of a micro-batch end within a few tokens of each other: on the sample
+# data (tiny test tokenizer, 2048) 18 rows of 1,905-1,946 real tokens instead of 17 full ones and one of 322:
+# 94.2% of full rows are real, 99.8% of rows cut to their own length.
+ROW_LENGTH_MULTIPLE = 8
 
 # --------------------------------------------------------------------------------------------
 # LoRA (peft) -- the seed's settings
@@ -156,6 +162,10 @@ DS_CONFIG_ft = {
 # Training (finetune.py) defaults not held by DeepSpeed
 # --------------------------------------------------------------------------------------------
 TRAIN_SEED = 10          # the seed's default
+# After the warm-up the learning rate stays at its peak ("constant": the seed's WarmupLR), or falls to
+# 0 at the last step ("linear": DeepSpeed's WarmupDecayLR; "cosine": WarmupCosineLR), as most
+# fine-tuning recipes do; a falling rate lets the weights settle instead of hopping around the minimum.
+LR_SCHEDULE = "constant"
 LOG_EVERY = 1            # steps between log lines / JSONL records
 # finetune.py computes the output layer and the loss this many positions at a time and recomputes each
 # chunk in backward, so the full logits never exist: at 2 rows x 2048 positions x 49,954 words they take

@@ -101,9 +101,19 @@ def packing_counts(samples, packed, max_length):
     """Rows and token counts of packed (input_ids, labels) samples, for the ids file's meta."""
     real = sum(len(ids) for ids, _ in samples)
     rows = len(packed["input_ids"])
+    # training cuts each micro-batch to its longest row (dataset.collate_rows); one row at a time that
+    # is each row's own length, and the rows are spread evenly, so pairs of them differ by a few tokens
+    fed = sum(dataset.fed_length(sum(mask), max_length) for mask in packed["attention_mask"])
     return {"rows": rows, "real_tokens": real,
             "learned_tokens": sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples),
-            "pad_tokens": rows * max_length - real, "real_token_share": real / (rows * max_length)}
+            "pad_tokens": rows * max_length - real, "fed_positions": fed, "real_token_share": real / fed,
+            "real_token_share_of_full_rows": real / (rows * max_length)}
+
+
+def share_text(counts):
+    return (f"{100 * counts['real_token_share']:.2f}% of the positions training computes are real "
+            f"(rows cut to their last real token; {100 * counts['real_token_share_of_full_rows']:.2f}% of "
+            f"full rows)")
 
 
 def convert(args, show_progress=True):
@@ -196,13 +206,13 @@ def main(argv=None):
     if args.mode == "pretrain":
         print(f"{c['documents']} documents ({c['cut_documents']} cut into chunks of max_length) -> {c['samples']} "
               f"samples -> {c['rows']} rows of {args.max_length} tokens; {c['learned_tokens']} learned "
-              f"tokens; {100 * c['real_token_share']:.2f}% of row tokens are real")
+              f"tokens; {share_text(c)}")
         print(f"wrote {out_file}")
         return
     print(f"{c['dialogues']} dialogues ({c['turns']} turns) -> {c['samples']} samples -> {c['rows']} rows of "
           f"{args.max_length} tokens; {c['truncated_samples']} samples truncated to max_length, "
           f"{c['dropped_samples']} dropped (no answer left); {c['learned_tokens']} learned tokens; "
-          f"{100 * c['real_token_share']:.2f}% of row tokens are real")
+          f"{share_text(c)}")
     print(f"wrote {out_file}")
 
 

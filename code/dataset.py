@@ -11,6 +11,7 @@ into a block-diagonal causal mask (``block_causal_mask``) so no token attends ac
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
 import bisect
+import heapq
 import random
 
 import torch
@@ -116,25 +117,87 @@ def tokenize_documents(tokenizer, documents, max_length, batch_size=config.TOKEN
     return samples, cut
 
 
-def pack_samples(samples, max_length, pad_token_id):
-    """Pack whole samples into rows of max_length (best-fit decreasing), pad the rest.
-
-    Returns a dict of row lists: input_ids, labels, attention_mask, sample_starts.
-    Best-fit decreasing keeps padding small; rows are shuffled by the DataLoader anyway.
-    """
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i][0]), i))
+def _best_fit_rows(lengths, max_length):
+    """Best-fit decreasing: each sample (longest first) into the fullest row it still fits, else a new
+    row.  Few rows, most of them nearly full; the last ones opened can be nearly empty."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows = []            # list of lists of sample indices
     free = []            # sorted list of (free space, row index)
     for i in order:
-        length = len(samples[i][0])
-        pos = bisect.bisect_left(free, (length, -1))
+        pos = bisect.bisect_left(free, (lengths[i], -1))
         if pos < len(free):
             space, row = free.pop(pos)
             rows[row].append(i)
-            bisect.insort(free, (space - length, row))
+            bisect.insort(free, (space - lengths[i], row))
         else:
             rows.append([i])
-            bisect.insort(free, (max_length - length, len(rows) - 1))
+            bisect.insort(free, (max_length - lengths[i], len(rows) - 1))
+    return rows
+
+
+def _balanced_rows(lengths, row_count, max_length):
+    """The same samples spread over ``row_count`` rows as evenly as possible, or None if they do not fit.
+
+    Longest first into the emptiest row; then, while it lowers the longest row, one sample of the
+    longest row moves to (or swaps with one of) a shorter row.  Training cuts each micro-batch to its
+    longest row (``collate_rows``), so even rows mean little padding is ever computed, even where the
+    data fills the last of a few rows only partly (the sample data: 18 rows, 17 of them full would
+    leave one nearly empty).
+    """
+    rows, load = [[] for _ in range(row_count)], [0] * row_count
+    heap = [(0, r) for r in range(row_count)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        _, r = heapq.heappop(heap)
+        if load[r] + lengths[i] > max_length:
+            return None
+        rows[r].append(i)
+        load[r] += lengths[i]
+        heapq.heappush(heap, (load[r], r))
+    for _ in range(min(BALANCE_ROUNDS, 4 * row_count)):
+        top = max(range(row_count), key=lambda r: (load[r], -r))
+        best = None      # (the longer of the two rows after the change, other row, sample out, sample in)
+        for other in heapq.nsmallest(BALANCE_CANDIDATES, range(row_count), key=lambda r: (load[r], r)):
+            gap = load[top] - load[other]
+            for out in rows[top]:
+                for into in [None] + rows[other]:
+                    delta = lengths[out] - (0 if into is None else lengths[into])
+                    if 0 < delta < gap:
+                        longer = max(load[top] - delta, load[other] + delta)
+                        if best is None or longer < best[0]:
+                            best = (longer, other, out, into)
+            if best is not None:
+                break
+        if best is None:
+            break
+        _, other, out, into = best
+        rows[top].remove(out)
+        rows[other].append(out)
+        load[top] -= lengths[out]
+        load[other] += lengths[out]
+        if into is not None:
+            rows[other].remove(into)
+            rows[top].append(into)
+            load[other] -= lengths[into]
+            load[top] += lengths[into]
+    return [sorted(members, key=lambda i: (-lengths[i], i)) for members in rows]
+
+
+# the balancing's search is bounded so that it stays a fraction of a second on any data size
+BALANCE_ROUNDS = 2000        # at most this many moves/swaps (and 4 per row)
+BALANCE_CANDIDATES = 8       # shorter rows tried per move, shortest first
+
+
+def pack_samples(samples, max_length, pad_token_id):
+    """Pack whole samples into rows of max_length, as few rows as best-fit decreasing needs, with the
+    samples spread evenly over them (``_balanced_rows``; best fit as it is where spreading cannot
+    fit them), and pad the rest.
+
+    Returns a dict of row lists: input_ids, labels, attention_mask, sample_starts.  Real tokens come
+    first in every row, padding after them; rows are shuffled by the DataLoader anyway.
+    """
+    lengths = [len(input_ids) for input_ids, _ in samples]
+    rows = _best_fit_rows(lengths, max_length)
+    rows = _balanced_rows(lengths, len(rows), max_length) or rows
     packed = {"input_ids": [], "labels": [], "attention_mask": [], "sample_starts": []}
     for members in rows:
         input_ids, labels, starts = [], [], []
@@ -149,6 +212,11 @@ def pack_samples(samples, max_length, pad_token_id):
         packed["attention_mask"].append([1] * real + [0] * pad)
         packed["sample_starts"].append(starts)
     return packed
+
+
+def fed_length(real_length, max_length, multiple=config.ROW_LENGTH_MULTIPLE):
+    """Positions a row of ``real_length`` real tokens is cut to in training: rounded up to ``multiple``."""
+    return min(max_length, -(-real_length // multiple) * multiple)
 
 
 def pad_token_id_of(tokenizer):
@@ -168,7 +236,8 @@ def tokenizer_fingerprint(tokenizer):
 # rows -> position ids -> attention mask
 # ----------------------------------------------------------------------------------------------
 def position_ids_for_row(sample_starts, max_length):
-    """Positions restart at 0 at each sample start; the padding tail counts as one more sample."""
+    """Positions restart at 0 at each sample start.  The padding tail continues the last sample: its
+    outputs are never learned, and causal attention keeps every real token from seeing it."""
     positions = torch.empty(max_length, dtype=torch.long)
     bounds = list(sample_starts) + [max_length]
     for begin, end in zip(bounds[:-1], bounds[1:]):
@@ -200,6 +269,20 @@ def row_item(input_ids, labels, attention_mask, sample_starts, max_length):
         "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
         "position_ids": position_ids_for_row(sample_starts, max_length),
     }
+
+
+def collate_rows(items):
+    """A micro-batch of dataset items, cut to its longest row (``fed_length``): the columns after it
+    are padding in every row, whose positions the model would compute and the loss ignore."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    width = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"]
+    # real tokens come first in every row: a row's real length is its mask's sum
+    longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
+    keep = fed_length(max(longest, 1), width)
+    if keep < width:
+        batch = {key: value[:, :keep] for key, value in batch.items()}
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def build_parser():
     # overrides of the DeepSpeed config
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (optimizer lr and WarmupLR's warmup_max_lr)")
     p.add_argument("--warmup_steps", type=int, default=None, help="WarmupLR warm-up steps")
+    p.add_argument("--lr_schedule", choices=sorted(LR_SCHEDULERS), default=config.LR_SCHEDULE,
+                   help="after the warm-up: constant (the seed's WarmupLR), or linear / cosine decay to 0 at the "
+                        "last step (default from config.py: %(default)s)")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rows per GPU per forward pass")
     p.add_argument("--grad_accum", type=int, default=None, help="micro-batches accumulated per optimizer step")
     p.add_argument("--zero_stage", type=int, choices=[0, 1, 2], default=None, help="ZeRO stage")
@@ -126,6 +129,9 @@ def parse_args(argv=None):
         parser.error("--loss_chunk must be 0 (all positions at once) or more")
     if args.load_lora_path and not args.load_lora:
         parser.error("--load_lora_path is only read with --load_lora: add --load_lora")
+    if args.deepspeed_config and args.lr_schedule != "constant":
+        parser.error(f"--lr_schedule {args.lr_schedule} rewrites config.py's scheduler; with --deepspeed_config put "
+                     "the scheduler you want in that file and drop --lr_schedule")
     if args.deepspeed_config and any(v is not None for v in (args.lr, args.warmup_steps, args.micro_batch_size,
                                                                    args.grad_accum, args.zero_stage)):
         parser.error("--deepspeed_config replaces the whole config: put lr/batch/ZeRO settings in that file, "
@@ -220,6 +226,25 @@ def resolve_ds_config(args, precision, device):
         # plain torch AdamW (foreach kernels): no DeepSpeed op to compile
         ds.get("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
     return ds
+
+
+LR_SCHEDULERS = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
+
+
+def with_lr_schedule(ds, schedule, total_steps):
+    """The DeepSpeed config with its WarmupLR turned into the decaying ``schedule`` over ``total_steps``
+    (same peak, warm-up steps and warm-up shape)."""
+    if schedule == "constant" or "scheduler" not in ds:
+        return ds
+    warm = ds["scheduler"].get("params", {})
+    peak = warm.get("warmup_max_lr", ds.get("optimizer", {}).get("params", {}).get("lr"))
+    common = {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warm.get("warmup_num_steps", 0),
+              "warmup_type": warm.get("warmup_type", "linear")}
+    if schedule == "linear":
+        params = dict(common, warmup_min_lr=warm.get("warmup_min_lr", 0.0), warmup_max_lr=peak)
+    else:  # cosine scales the optimizer's lr, which --lr and config.py keep equal to the peak
+        params = dict(common, warmup_min_ratio=warm.get("warmup_min_lr", 0.0) / peak, cos_min_ratio=0.0)
+    return dict(ds, scheduler={"type": LR_SCHEDULERS[schedule], "params": params})
 
 
 @functools.lru_cache(maxsize=1)
@@ -536,13 +561,13 @@ def resume_fingerprint(args, ds_config, world_size, train_dataset):
     return {"use_lora": args.use_lora, "quant": args.quant, "seed": args.seed, "world_size": world_size, "rows": len(train_dataset),
             "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
             "grad_accum": ds_config["gradient_accumulation_steps"], "max_length": args.max_length,
-            "dataset_type": args.dataset_type}
+            "dataset_type": args.dataset_type, "lr_schedule": args.lr_schedule}
 
 
 RESUME_FLAGS = {"use_lora": "--use_lora", "quant": "--quant", "seed": "--seed", "world_size": "the number of ranks (GPUs)",
                 "rows": "--data_path / --max_training_samples (the number of training rows)",
                 "micro_batch_size": "--micro_batch_size", "grad_accum": "--grad_accum", "max_length": "--max_length",
-                "dataset_type": "--dataset_type"}
+                "dataset_type": "--dataset_type", "lr_schedule": "--lr_schedule"}
 
 
 def check_resumable(path, progress, fingerprint):
@@ -593,7 +618,7 @@ def load_training_state(path, engine, rank):
     return _load_restricted(rng_file)
 
 
-def checkpoint_bytes(model, dtype, world_size):
+def checkpoint_bytes(model, dtype):
     """A generous estimate of one checkpoint's size on disk."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = torch.tensor([], dtype=dtype).element_size()
@@ -720,11 +745,12 @@ def main(argv=None):
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     grad_accum = ds_config["gradient_accumulation_steps"]
     sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler)
+    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler, collate_fn=dataset.collate_rows)
     steps_per_epoch = math.ceil(len(loader) / grad_accum)
     total_steps = steps_per_epoch * args.max_epoches
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
+    ds_config = with_lr_schedule(ds_config, args.lr_schedule, total_steps)
 
     # ---- model ----
     run_dir = os.path.join(args.save_dir, args.save_name)
@@ -735,7 +761,7 @@ def main(argv=None):
             resume_progress = read_progress(resume_dir)
             check_resumable(resume_dir, resume_progress, fingerprint)
         model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device)
-        check_free_disk(run_dir, checkpoint_bytes(model, dtype, world_size))
+        check_free_disk(run_dir, checkpoint_bytes(model, dtype))
     except (DataError, LoaderError) as e:
         data_io.fail(str(e))
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model, attn_implementation, dtype, args.loss_chunk),
@@ -792,7 +818,9 @@ def main(argv=None):
         order = list(sampler)[first_step * grad_accum * micro_batch:]
         # its own generator: a DataLoader iterator draws a seed, which would shift the global RNG stream
         # (dropout) between a run and its resumption
+        # each micro-batch is cut to its longest row (dataset.collate_rows): padding is not computed
         batches = iter(DataLoader(train_dataset, batch_size=micro_batch, sampler=order,
+                                  collate_fn=dataset.collate_rows,
                                   generator=torch.Generator().manual_seed(args.seed + epoch)))
         step_in_epoch = first_step
         for step_in_epoch in range(first_step + 1, steps_per_epoch + 1):

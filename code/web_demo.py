@@ -24,6 +24,7 @@ CODE = os.path.dirname(os.path.abspath(__file__))
 if CODE not in sys.path:
     sys.path.insert(0, CODE)
 
+import api_server  # noqa: E402  (its listen flags and port check; fastapi loads only when serving)
 import config  # noqa: E402
 import data_io  # noqa: E402
 import model_loader  # noqa: E402
@@ -132,24 +133,17 @@ def parse_args(argv=None):
     s = config.SERVER
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_loader.add_model_arguments(p)
-    p.add_argument("--host", default=s["host"],
-                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 serves the network)")
-    p.add_argument("--port", type=int, default=s["web_port"], help="port (default: %(default)s)")
-    p.add_argument("--memory_limit", type=int, default=config.MEMORY_LIMIT,
-                   help="earlier turns fed back with each question at the start (the page can change it; "
-                        "default: %(default)s)")
+    api_server.add_listen_arguments(p, s["web_port"], "",
+                                    "earlier turns fed back with each question at the start (the page can "
+                                    "change it; default: %(default)s)")
     args = p.parse_args(argv)
     model_loader.check_model_arguments(p, args)
-    if not 0 < args.port < 65536:
-        p.error(f"--port {args.port}: must be 1 to 65535")
-    if args.memory_limit < 0:
-        p.error("--memory_limit must be 0 (no history) or more")
+    api_server.check_listen_arguments(p, args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import api_server
 
     try:
         api_server.check_port_free(args.host, args.port)

@@ -2,6 +2,7 @@
 memorised), data-parallel equivalence, packed-row isolation, checkpoints, and bad input."""
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -44,14 +45,14 @@ def losses(run_dir):
 
 
 def greedy_answer(model, tokenizer, history, query):
+    """The answer inference.py's own path (chat.start_reply: the prompt, the stop at the end marker,
+    the clean-up) gives with greedy decoding and no repetition penalty."""
     import chat
 
-    ids = chat.encode_prompt(tokenizer, history, query)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=120, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=False)
-    return text.split(config.END_MARKER)[0].replace("</s>", "").strip()
+    settings = chat.generation_settings(do_sample=False, repetition_penalty=1.0, max_new_tokens=160)
+    result = chat.start_reply(model, tokenizer, history, query, settings).result()
+    assert result.finish_reason == "stop", result
+    return result.response
 
 
 def assert_memorised(model, tokenizer, dialogues):
@@ -76,7 +77,7 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
                SAVE_DIR=str(tmp_path / "ckp"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     import subprocess
     args = ["--max_length", str(MAX_LENGTH), "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-2",
-            "--warmup_steps", "5", "--lora_dropout", "0", "--no_progress", "--seed", "1"]
+            "--warmup_steps", "5", "--lora_dropout", "0", "--no_progress", "--seed", "1", "--lr_schedule", "linear"]
     proc = subprocess.run(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -85,6 +86,11 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     run_dir = tmp_path / "ckp" / "llama_lora"
     history = losses(run_dir)
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
+    # --lr_schedule linear: up to 1e-2 over 5 steps, then down to 0 at the last step (a constant 1e-2
+    # leaves the adapter hopping around the minimum, and the greedy answers then fail now and then)
+    rates = [json.loads(line)["lr"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert abs(max(rates) - 1e-2) < 1e-9 and rates.index(max(rates)) <= 5
+    assert rates[-1] < 0.01 * max(rates) and all(a >= b for a, b in zip(rates[5:], rates[6:]))
     # the seed's layout: one checkpoint per epoch, each a standard PEFT adapter + tokenizer + config
     final = run_dir / f"llama_lora_epoch{LORA_EPOCHS - 1}"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_config.json"):
@@ -97,6 +103,7 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     assert record["deepspeed_config"]["gradient_accumulation_steps"] == 2
     assert record["deepspeed_config"]["zero_optimization"]["stage"] == 1
     assert record["world_size"] == 2 and record["precision"] == "fp32"
+    assert record["deepspeed_config"]["scheduler"]["type"] == "WarmupDecayLR"
     assert (run_dir / "loss_curve.png").exists() and glob.glob(str(run_dir / "tensorboard" / "events.*"))
     # plain PeftModel.from_pretrained loads it, and greedy decoding gives back the trained answers
     tokenizer = AutoTokenizer.from_pretrained(str(final))
@@ -336,3 +343,30 @@ def test_qlora_nf4_base_trains_the_adapter(tiny_model_dir, lora_data, tmp_path):
     # full fine-tuning of a quantized base is refused with the fix named
     err = bad_run(["--quant", "nf4", "--model_path", tiny_model_dir, "--data_path", lora_data])
     assert "--quant nf4" in err and "--use_lora" in err
+
+
+def test_lr_schedules_fall_to_zero_at_the_last_step():
+    """--lr_schedule linear / cosine: DeepSpeed's schedulers built from finetune's config warm up to the peak
+    and reach 0 at the last step; constant keeps config.py's WarmupLR."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR
+
+    args = finetune.parse_args(["--use_lora", "--model_path", "m", "--data_path", "d", "--lr", "2e-3",
+                                "--warmup_steps", "10"])
+    ds = finetune.resolve_ds_config(args, "fp32", torch.device("cpu"))
+    assert finetune.with_lr_schedule(ds, "constant", 100) == ds
+    for schedule, cls in (("linear", WarmupDecayLR), ("cosine", WarmupCosineLR)):
+        section = finetune.with_lr_schedule(ds, schedule, 100)["scheduler"]
+        assert section["type"] == cls.__name__
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        scheduler = cls(optimizer, **section["params"])
+        rates = []
+        for _ in range(100):
+            scheduler.step()
+            rates.append(scheduler.get_lr()[0])
+        assert abs(rates[10] - 2e-3) < 2e-6, rates[:12]           # the peak once warmed up (step 10)
+        middle = 2e-3 * (0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.5)))
+        assert abs(rates[55] - middle) < 2e-3 * 0.03, (schedule, rates[55])
+        assert rates[-1] < 2e-3 * 0.02 and all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--use_lora", "--model_path", "m", "--data_path", "d", "--deepspeed_config", "x.json",
+                             "--lr_schedule", "cosine"])

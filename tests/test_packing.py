@@ -1,0 +1,108 @@
+"""Packing efficiency: rows hold whole samples spread evenly, and training computes no padding column
+that a whole micro-batch shares (dataset.pack_samples, dataset.collate_rows)."""
+import random
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import config
+import data_io
+import dataset
+from conftest import REPO, run_script
+
+
+def random_samples(rng, count, max_length):
+    samples = []
+    for index in range(count):
+        length = min(max_length, int(rng.lognormvariate(5.5, 0.9)) + 2)
+        ids = [3 + (index * 7 + j) % 97 for j in range(length)]
+        samples.append((ids, [dataset.IGNORE_INDEX] + ids[1:]))
+    return samples
+
+
+def test_rows_hold_every_sample_whole_once_in_as_few_rows_as_best_fit():
+    spread = 0
+    for seed in range(6):
+        for count in (40, 300):      # 40: rows with room to spare; 300: best fit fills them, nothing to spread
+            rng = random.Random(seed)
+            samples = random_samples(rng, count, 1024)
+            packed = dataset.pack_samples(samples, 1024, pad_token_id=0)
+            lengths = [len(ids) for ids, _ in samples]
+            assert len(packed["input_ids"]) == len(dataset._best_fit_rows(lengths, 1024))
+            found, loads = [], []
+            for ids, labels, mask, starts in zip(packed["input_ids"], packed["labels"], packed["attention_mask"],
+                                                 packed["sample_starts"]):
+                assert len(ids) == len(labels) == len(mask) == 1024
+                real = sum(mask)
+                assert mask == [1] * real + [0] * (1024 - real)
+                bounds = list(starts) + [real]
+                for begin, end in zip(bounds[:-1], bounds[1:]):
+                    found.append((tuple(ids[begin:end]), tuple(labels[begin:end])))
+                if len(starts) > 1:
+                    loads.append(real)
+            assert sorted(found) == sorted((tuple(i), tuple(l)) for i, l in samples)
+            if dataset._balanced_rows(lengths, len(packed["input_ids"]), 1024) is not None:
+                spread += 1
+                # spread evenly: rows of several samples within one mean sample length of each other
+                # (a row with one long sample cannot shrink)
+                assert max(loads) - min(loads) <= sum(lengths) / len(lengths), loads
+    assert spread >= 4
+
+
+def test_full_data_falls_back_to_best_fit_rows():
+    """Samples that fill their rows completely cannot be spread: the best-fit rows are kept."""
+    samples = [([5] * n, [5] * n) for n in (60, 40, 70, 30, 100, 100)]
+    packed = dataset.pack_samples(samples, 100, pad_token_id=0)
+    assert sorted(sum(m) for m in packed["attention_mask"]) == [100, 100, 100, 100]
+
+
+def test_cut_micro_batch_gives_the_same_loss(tiny_model_dir, tiny_tokenizer):
+    """Cutting a micro-batch to its longest row changes nothing the loss sees."""
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    rng = random.Random(0)
+    samples = [([3 + (7 * i + j) % 500 for j in range(n)], [dataset.IGNORE_INDEX] * 3 + [9] * (n - 3))
+               for i, n in enumerate([rng.randint(20, 90) for _ in range(9)])]
+    packed = dataset.pack_samples(samples, 256, pad_token_id=0)
+    rows = dataset.PackedRows()
+    rows.input_ids, rows.labels = packed["input_ids"], packed["labels"]
+    rows.attention_mask, rows.sample_starts, rows.max_length = packed["attention_mask"], packed["sample_starts"], 256
+    items = [rows[i] for i in range(len(rows))]
+    assert len(items) >= 2
+    cut = dataset.collate_rows(items)
+    full = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    longest = max(sum(m) for m in packed["attention_mask"])
+    assert cut["input_ids"].shape[1] == dataset.fed_length(longest, 256) < 256
+    assert cut["input_ids"].shape[1] % config.ROW_LENGTH_MULTIPLE == 0
+    with torch.no_grad():
+        cut_sum, cut_count = finetune.forward_loss_sum(model, cut, "sdpa", torch.float32)
+        full_sum, full_count = finetune.forward_loss_sum(model, full, "sdpa", torch.float32)
+    assert cut_count == full_count > 0
+    assert abs(float(cut_sum) - float(full_sum)) < 1e-3 * abs(float(full_sum)) / full_count
+
+
+def test_sample_data_at_2048_trains_on_99_percent_real_tokens(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Issue 8, point 4: at max_length 2048 the sample data's training micro-batches are >= 99% real tokens."""
+    result = run_script(["code/convert_data.py", "--tokenizer", tiny_model_dir, "--max_length", "2048",
+                         "--data_file", f"{REPO}/data/test/ift_data.pkl", "--out_data_path", str(tmp_path)],
+                        check=True)
+    datas = data_io.safe_load_pickle(tmp_path / "llama_ift_data_ids.pkl")
+    counts = datas["meta"]["counts"]
+    assert f"{100 * counts['real_token_share']:.2f}% of the positions training computes are real" in result.stdout
+    # the rows are far from full (the data fills 17 of them and a bit): full rows would be mostly padding
+    assert counts["real_token_share_of_full_rows"] < 0.97
+    rows = dataset.DatasetIds(tiny_tokenizer, datas, 2048)
+    micro_batch = config.DS_CONFIG_lora["train_micro_batch_size_per_gpu"]
+    real = fed = 0
+    for epoch in range(8):    # the pairs of rows change with the shuffle of every epoch
+        sampler = DistributedSampler(rows, num_replicas=1, rank=0, shuffle=True, seed=config.TRAIN_SEED)
+        sampler.set_epoch(epoch)
+        for batch in DataLoader(rows, batch_size=micro_batch, sampler=sampler, collate_fn=dataset.collate_rows):
+            real += int(batch["attention_mask"].sum())
+            fed += batch["input_ids"].numel()
+    assert real == 8 * counts["real_tokens"]
+    assert real / fed >= 0.99, real / fed
