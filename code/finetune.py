@@ -774,7 +774,7 @@ def main(argv=None):
         data_io.fail(f"--data_path {args.data_path}: no training rows")
     say(attn_note)
     if args.liger != "off":
-        say(f"liger-kernel: fused RMSNorm, SwiGLU, rotary embedding"
+        say("liger-kernel: fused RMSNorm, SwiGLU, rotary embedding"
             + (" and output-layer cross-entropy (--loss_chunk unused)" if args.liger == "all" else ""))
     say(f"precision: {precision}; ranks: {world_size}; device: {device.type}")
 
