@@ -13,10 +13,10 @@ What is timed is code/finetune.py itself, not a copy of it:
 
 - the arguments are ``finetune.parse_args([...])`` of the flags a LoRA run would get (--use_lora
   --max_length --micro_batch_size --grad_accum --precision, plus the variant's own flags such as
-  --gradient_checkpointing or --use_flash_attention);
+  --gradient_checkpointing, --attention flex or --liger);
 - ``finetune.init_distributed`` (one process, no launcher), ``model_loader.training_precision``,
   ``finetune.resolve_ds_config`` (config.DS_CONFIG_lora with those overrides),
-  ``model_loader.training_attention``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
+  ``model_loader.training_attention`` and ``model_loader.check_liger``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
   in convert_data.py's format), the DistributedSampler + DataLoader of ``finetune.main``,
   ``finetune.build_model`` (use_cache off, peft LoRA with config.py's r/alpha/targets, gradient
   checkpointing with use_reentrant=False), ``deepspeed.initialize`` with that config, and
@@ -39,6 +39,12 @@ Variants (--variants, each in a fresh model and engine, memory freed in between)
 rows with identical seeds, so their losses must agree: a lever that changes speed or memory must not
 change the loss.  The per-step losses of every variant are compared with the first variant of the
 same --lora_dropout; a difference above --loss_tol makes the script exit 1 (after the table and JSON).
+The default tolerance depends on the precision (LOSS_TOL): 1e-3 in fp32, where the CPU variants agree
+exactly; 2e-2 in bf16/fp16, where kernels that round differently (FlexAttention, liger's fused kernels)
+and even activation recomputation move the 13B step loss of ~11.9 (measured: 1.8e-3 between plain and
+checkpointing on an H200).  A variant that cannot run here (FlexAttention or liger-kernel on a CPU, a
+package that is not installed) is recorded as skipped with the reason.  liger-kernel patches transformers'
+LLaMA module for the whole process, so liger variants must come after all others in --variants.
 
 Figures (after --warmup untimed steps; GPU work is synchronised before each clock read):
 
@@ -89,8 +95,18 @@ SHAPE_13B = {"vocab_size": 49954, "hidden_size": 5120, "num_layers": 40, "num_he
 VARIANTS = {
     "plain": [],
     "checkpointing": ["--gradient_checkpointing"],
-    "flash": ["--use_flash_attention"],
-    "flash_checkpointing": ["--use_flash_attention", "--gradient_checkpointing"],
+    "flash": ["--attention", "flash"],
+    "flash_checkpointing": ["--attention", "flash", "--gradient_checkpointing"],
+    # FlexAttention with the block-diagonal BlockMask (CUDA only: no backward pass on a CPU)
+    "flex": ["--attention", "flex"],
+    "flex_checkpointing": ["--attention", "flex", "--gradient_checkpointing"],
+    # liger-kernel (CUDA + the package): fused RMSNorm, SwiGLU, RoPE and linear cross-entropy ...
+    "liger": ["--liger"],
+    "liger_checkpointing": ["--liger", "--gradient_checkpointing"],
+    "liger_flex": ["--liger", "--attention", "flex"],
+    "liger_flex_checkpointing": ["--liger", "--attention", "flex", "--gradient_checkpointing"],
+    # ... or without the fused cross-entropy (the chunked loss of --loss_chunk instead)
+    "liger_kernels_flex": ["--liger", "kernels", "--attention", "flex"],
     "no_lora_dropout": ["--lora_dropout", "0"],
     # the output layer and loss over all learned positions at once (the default computes them in chunks of
     # config.LOSS_CHUNK_TOKENS positions, recomputed in backward)
@@ -101,6 +117,10 @@ VARIANTS = {
 }
 # variants whose loss is not compared (quantized weights compute a different function)
 LOSS_NOT_COMPARED = ("qlora_nf4", "qlora_int8")
+# default --loss_tol by precision: fp32 variants agree exactly on the CPU; bf16 keeps 8 bits of mantissa
+# (a relative step of 2^-8 = 0.4%), and kernels that round differently move the mean loss of a 13B step
+# (~11.9, over ~4k tokens) by a few 1e-3 (recomputation alone: 1.8e-3 on an H200)
+LOSS_TOL = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 DEFAULT_VARIANTS = "plain,checkpointing"
 
 # /work/shared/bench/h200_hf_baseline.json: plain transformers + peft on one H200, 13B shape, bf16,
@@ -311,11 +331,18 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     precision = model_loader.training_precision(args.precision, device)
     dtype = model_loader.TRAINING_DTYPES[precision]
     ds_config = finetune.resolve_ds_config(args, precision, device)
-    attn, attn_note = model_loader.training_attention(args.use_flash_attention, device)
-    result = {"variant": name, "flags": VARIANTS[name], "attention": attn, "attention_note": attn_note,
-              "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
-              "lora_dropout": args.lora_dropout}
-    if args.use_flash_attention and attn != "flash_attention_2":
+    result = {"variant": name, "flags": VARIANTS[name], "precision": precision,
+              "gradient_checkpointing": args.gradient_checkpointing, "lora_dropout": args.lora_dropout,
+              "liger": args.liger}
+    try:   # the checks finetune.main makes: a lever that cannot run here is skipped, with finetune's reason
+        attn, attn_note = model_loader.training_attention(args.attention, device)
+        model_loader.check_liger(args.liger, device)
+    except model_loader.LoaderError as e:
+        result.update(attention=args.attention, skipped=str(e))
+        say(f"[{name}] skipped: {e}")
+        return result, ds_config
+    result.update(attention=attn, attention_note=attn_note)
+    if args.attention == "flash" and attn != "flash_attention_2":
         result["skipped"] = attn_note
         say(f"[{name}] skipped: {attn_note}")
         return result, ds_config
@@ -347,7 +374,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     else:
         model = finetune.build_model(args, None, dtype, attn,
                                      base_model=random_base_model(model_dir, device, dtype, attn))
-    engine, _, _, _ = deepspeed.initialize(model=finetune.LossModule(model, attn, dtype, args.loss_chunk),
+    engine, _, _, _ = deepspeed.initialize(model=finetune.LossModule(model, attn, dtype, args.loss_chunk,
+                                                                     fused_loss=args.liger == "all"),
                                            config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     engine.train()
@@ -450,7 +478,32 @@ def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, re
         if device.type == "cuda":
             for name in backends:
                 probe[label][name] = timed(use_mask, name)
+    if device.type == "cuda":   # FlexAttention has no backward pass on a CPU
+        probe["flex_block_mask"] = {"default": flex_timed(q, k, v, position_ids.to(device), reps)}
     return probe
+
+
+def flex_timed(q, k, v, position_ids, reps):
+    """Seconds per forward+backward of compiled FlexAttention with finetune's BlockMask
+    (dataset.block_causal_block_mask, built once), after one untimed call that compiles it; or the error."""
+    import torch
+
+    import dataset
+
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        block_mask = dataset.block_causal_block_mask(position_ids)
+        flex = torch.compile(flex_attention)
+        for rep in range(reps + 1):
+            if rep == 1:
+                sync(q.device)
+                start = time.perf_counter()
+            flex(q, k, v, block_mask=block_mask).sum().backward()
+        sync(q.device)
+        return round((time.perf_counter() - start) / reps, 6)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +525,7 @@ def compare_losses(results, tol):
 
 
 def table(results, memory_unit):
-    head = ["variant", "attention", "ckpt", "s/step", "real tok/s", "all tok/s", "TFLOP/s model", "TFLOP/s hw",
+    head = ["variant", "attention", "liger", "ckpt", "s/step", "real tok/s", "all tok/s", "TFLOP/s model", "TFLOP/s hw",
             "TFLOP/s base-formula", f"peak {memory_unit}", "real share", "loss step 1", "|dloss| max"]
     rows = []
     for r in results:
@@ -480,7 +533,7 @@ def table(results, memory_unit):
             rows.append([r["variant"], "skipped (see below)" if "skipped" in r else "FAILED (see below)"]
                         + [""] * (len(head) - 2))
             continue
-        rows.append([r["variant"], r["attention"], "yes" if r["gradient_checkpointing"] else "no",
+        rows.append([r["variant"], r["attention"], r.get("liger", "off"), "yes" if r["gradient_checkpointing"] else "no",
                      f"{r['seconds_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['all_tokens_per_s']:,.0f}",
                      f"{r['tflops_model']:.3g}", f"{r['tflops_hw']:.3g}", f"{r['tflops_baseline_formula']:.3g}",
                      f"{r['peak_mem_GiB']:.2f}", f"{r['real_token_share']:.1%}", f"{r['losses'][0]:.6f}",
@@ -528,8 +581,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="finetune.py's --precision: auto = bf16 on a GPU that has it, else fp32 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=10, help="seed of the weights, LoRA init, data and order (default: %(default)s)")
-    p.add_argument("--loss_tol", type=float, default=1e-3,
-                   help="largest allowed per-step loss difference between variants (default: %(default)s)")
+    p.add_argument("--loss_tol", type=float, default=None,
+                   help="largest allowed per-step loss difference between variants (default by precision: "
+                        + ", ".join(f"{k} {v:g}" for k, v in LOSS_TOL.items()) + ")")
     p.add_argument("--json", default="", help="write the figures, settings and versions to this JSON file")
     opts = p.parse_args(argv)
     if opts.gradient_checkpointing:
@@ -538,6 +592,12 @@ def parse_args(argv=None):
     unknown = [v for v in opts.variant_list if v not in VARIANTS]
     if unknown or not opts.variant_list:
         p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    liger_at = [i for i, v in enumerate(opts.variant_list) if "--liger" in VARIANTS[v]]
+    other_at = [i for i, v in enumerate(opts.variant_list) if "--liger" not in VARIANTS[v]]
+    if liger_at and other_at and liger_at[0] < other_at[-1]:
+        p.error(f"--variants: {opts.variant_list[liger_at[0]]} uses liger-kernel, which patches transformers' LLaMA "
+                f"for the rest of the process, so {opts.variant_list[other_at[-1]]} after it would run liger's "
+                f"kernels too: list the liger variants last")
     if opts.seq_len is None:
         opts.seq_len = 2048 if opts.shape == "13b" else 512
     for name in ("seq_len", "micro_batch_size", "grad_accum", "steps"):
@@ -576,6 +636,8 @@ def main(argv=None):
         print("error: --shape 13b needs a CUDA GPU (about 60 GiB); use --shape tiny on a CPU", file=sys.stderr)
         return 2
     shape = shape_of(opts.shape)
+    if opts.loss_tol is None:   # by the precision the variants will train in
+        opts.loss_tol = LOSS_TOL[model_loader.training_precision(opts.precision, device)]
     machine = machine_info(device)
     memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
     say(f"device: {device} ({machine.get('gpu') or machine.get('cpu')}); "
@@ -657,7 +719,9 @@ def main(argv=None):
             f"{fmt(probe['causal_no_mask']['default'])}, finetune's block mask {fmt(probe['block_mask']['default'])}"
             + ("" if device.type != "cuda" else "; forced backends (causal | block mask): " + ", ".join(
                 f"{name} {fmt(probe['causal_no_mask'][name])} | {fmt(probe['block_mask'][name])}"
-                for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"])))
+                for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"]))
+            + (f"; FlexAttention with the BlockMask {fmt(probe['flex_block_mask']['default'])}"
+               if "flex_block_mask" in probe else ""))
     say(f"losses agree across variants (tolerance {opts.loss_tol:g}): {'yes' if losses_agree else 'NO'}")
 
     report.update(losses_agree=losses_agree, complete=not failed, wall_s=time.perf_counter() - started)

@@ -172,6 +172,18 @@ LOG_EVERY = 1            # steps between log lines / JSONL records
 # 0.4 GB in bf16 plus 0.8 GB in fp32 for the loss, and as much again for their gradients.  The recompute
 # costs one more pass of the output layer (about 2% of a 13B step).  0: all positions at once.
 LOSS_CHUNK_TOKENS = 1024
+# The attention kernel of training (finetune.py --attention).  Packed rows need a block-diagonal causal
+# mask (samples never see each other):
+#   sdpa  - PyTorch SDPA with that mask as a dense additive tensor (batch x L x L); a custom mask rules out
+#           SDPA's flash kernel, so it runs the memory-efficient or cuDNN one (H200, one 13B layer, 2 x 2048:
+#           2.25 ms forward+backward against 1.16 ms for plain causal attention, BENCHMARKS.md);
+#   flex  - PyTorch FlexAttention with the same pattern as a BlockMask (built once per micro-batch from the
+#           position-id restarts): blocks of 128 x 128 positions that no sample spans are skipped, and no
+#           L x L tensor exists.  Needs a CUDA GPU: FlexAttention has no backward pass on a CPU;
+#   flash - flash-attn's variable-length kernels (the flash_attn package), split at every position id 0.
+# sdpa stays the default until flex is measured on a GPU: it runs everywhere, CPU included.
+TRAINING_ATTENTION = "sdpa"
+TRAINING_ATTENTION_CHOICES = ("sdpa", "flex", "flash")
 # finetune.py refuses to start when the checkpoint folder has less free space than this many times its
 # estimate of one checkpoint (export + optimizer state): room for the temporary copy written before the
 # previous one is replaced, and for the estimate being short.

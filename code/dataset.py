@@ -6,7 +6,8 @@ end) -> rows of max_length holding whole samples, with the start of every sample
 
 Every dataset yields dicts of 1-D tensors: input_ids, labels, attention_mask (1 real, 0 pad) and
 position_ids, which restart at 0 at the start of every sample.  finetune.py turns position_ids
-into a block-diagonal causal mask (``block_causal_mask``) so no token attends across samples.
+into a block-diagonal causal mask (``block_causal_mask``, or ``block_causal_block_mask`` for
+FlexAttention) so no token attends across samples.
 
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
@@ -260,6 +261,31 @@ def block_causal_mask(position_ids, dtype):
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
+
+
+def block_causal_block_mask(position_ids, attention_mask=None):
+    """The pattern of ``block_causal_mask`` as a FlexAttention BlockMask (batch, 1, L, L), for
+    attn_implementation="flex_attention".
+
+    A sample (document) starts wherever position_ids is 0; token i sees token j iff j <= i in the same
+    document.  With ``attention_mask`` (1 real, 0 pad) the padding is a document of its own, so no pad
+    position looks back at a sample (real tokens see the same positions as with ``block_causal_mask``;
+    padding is never learned).  Only a (batch, L) tensor of document numbers is kept: the mask function
+    reads it, and the BlockMask records which 128 x 128 tiles are empty (skipped), full (no masking) or
+    partial.  Build it once per micro-batch, on the device of the model.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    document = torch.cumsum((position_ids == 0).long(), dim=-1)      # (B, L) sample number, from 1
+    if attention_mask is not None:
+        document = document.masked_fill(attention_mask == 0, 0)      # the padding: document 0
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (document[b, q_idx] == document[b, kv_idx]) & (kv_idx <= q_idx)
+
+    batch, length = position_ids.shape
+    return create_block_mask(same_document_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length,
+                             device=position_ids.device)
 
 
 def row_item(input_ids, labels, attention_mask, sample_starts, max_length):

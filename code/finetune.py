@@ -24,7 +24,14 @@ checkpoints as training_config.json.
 The loss of an optimizer step is the mean over every learned token of the step, across
 micro-batches and ranks (each token weighs the same however rows are split among GPUs), and
 packed samples never attend to each other (position ids restart per sample; a block-diagonal
-causal mask for SDPA, variable-length kernels for flash-attention).
+causal mask for SDPA, the same pattern as a FlexAttention BlockMask for --attention flex, variable-length
+kernels for flash-attention).
+
+Speed levers (CUDA GPU only; see README "Train" and BENCHMARKS.md for what is measured):
+
+    python code/finetune.py --use_lora ... --attention flex           # FlexAttention BlockMask for packed rows
+    python code/finetune.py --use_lora ... --liger                    # liger-kernel fused RMSNorm/SwiGLU/RoPE + loss
+    python code/finetune.py --use_lora ... --attention flex --liger --gradient_checkpointing
 """
 import argparse
 import copy
@@ -67,7 +74,8 @@ def build_parser():
     p.add_argument("--model_path", default="", help="base model: local directory or Hugging Face id")
     p.add_argument("--max_length", type=int, default=config.MAX_LENGTH, help="tokens per row (default: %(default)s)")
     p.add_argument("--use_flash_attention", action="store_true",
-                   help="use flash_attention_2 where the flash_attn package is installed (else PyTorch SDPA)")
+                   help="the seed's switch, the same as --attention flash: flash_attention_2 where the flash_attn "
+                        "package and a GPU are there (else PyTorch SDPA, with a notice)")
     p.add_argument("--use_lora", action="store_true", help="train a LoRA adapter (config.py's settings); default: full fine-tuning")
     p.add_argument("--load_lora", action="store_true", help="start from the LoRA adapter in --load_lora_path (fresh optimizer)")
     p.add_argument("--load_lora_path", default="", help="adapter directory for --load_lora")
@@ -94,6 +102,16 @@ def build_parser():
     p.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
                    help="LoRA only: keep the frozen base in int8 or nf4 (bitsandbytes; QLoRA) to fit a small GPU "
                         "(default: %(default)s)")
+    p.add_argument("--attention", choices=config.TRAINING_ATTENTION_CHOICES, default=None,
+                   help="attention kernel for the packed rows: sdpa (dense block-diagonal mask, runs anywhere), flex "
+                        "(FlexAttention BlockMask; CUDA GPU only, as it has no backward pass on a CPU) or flash "
+                        "(flash-attn variable-length kernels) (default from config.TRAINING_ATTENTION: "
+                        f"{config.TRAINING_ATTENTION})")
+    p.add_argument("--liger", nargs="?", const="all", default="off", choices=model_loader.LIGER_CHOICES,
+                   help="liger-kernel's fused Triton kernels (CUDA GPU + the liger-kernel package, "
+                        "requirements-gpu.txt): '--liger' or '--liger all' = fused RMSNorm, SwiGLU and rotary "
+                        "embedding plus its fused output-layer cross-entropy in place of the --loss_chunk loss; "
+                        "'--liger kernels' = the first three only (default: %(default)s)")
     p.add_argument("--loss_chunk", type=int, default=config.LOSS_CHUNK_TOKENS,
                    help="compute the output layer and the loss this many positions at a time, recomputed in "
                         "backward, so the full logits never exist (0: all at once) (default from config.py: "
@@ -127,6 +145,14 @@ def parse_args(argv=None):
                      f"trains every weight in --precision)")
     if args.loss_chunk < 0:
         parser.error("--loss_chunk must be 0 (all positions at once) or more")
+    if args.use_flash_attention:
+        if args.attention not in (None, "flash"):
+            parser.error(f"--use_flash_attention means --attention flash, but --attention {args.attention} is given: "
+                         f"drop one of them")
+        args.attention = "flash"
+    if args.attention is None:
+        args.attention = config.TRAINING_ATTENTION
+    args.use_flash_attention = args.attention == "flash"
     if args.load_lora_path and not args.load_lora:
         parser.error("--load_lora_path is only read with --load_lora: add --load_lora")
     if args.deepspeed_config and args.lr_schedule != "constant":
@@ -320,6 +346,9 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
         model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model_path, "--model_path"), dtype=dtype,
                                                      attn_implementation=attn_implementation)
     model.config.use_cache = False
+    if getattr(args, "liger", "off") != "off":
+        # fused RMSNorm / SwiGLU / rotary kernels on the base, before LoRA wraps its projections
+        model_loader.apply_liger(model, args.liger)
     if args.use_lora:
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -353,20 +382,42 @@ def _chunk_loss_sum(hidden, weight, bias, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
-def forward_loss_sum(model, batch, attn_implementation, dtype, loss_chunk=0):
+def attention_mask_for(attn_implementation, position_ids, dtype, attention_mask=None):
+    """The mask that keeps the packed samples of a micro-batch apart, in the form the kernel takes.
+
+    flash_attention_2: none (its variable-length kernels split samples at every position id 0);
+    flex_attention: a FlexAttention BlockMask (dataset.block_causal_block_mask; with ``attention_mask`` the
+    padding is a document of its own), built once here and shared by every layer (transformers takes a
+    prebuilt 4-D mask as it is); sdpa/eager: the dense additive mask (dataset.block_causal_mask).  Every
+    real token sees the same positions under all three.
+    """
+    if attn_implementation == "flash_attention_2":
+        return None
+    if attn_implementation == "flex_attention":
+        return dataset.block_causal_block_mask(position_ids, attention_mask)
+    return dataset.block_causal_mask(position_ids, dtype)
+
+
+def _liger_loss_sum(hidden, weight, bias, targets):
+    """liger-kernel's fused output layer + cross-entropy (summed): the logits exist one chunk at a time and
+    the gradients of its inputs are computed in the same pass (--liger all)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias)
+
+
+def forward_loss_sum(model, batch, attn_implementation, dtype, loss_chunk=0, fused_loss=False):
     """Summed cross-entropy over the learned tokens of one micro-batch, and their count.
 
-    ``model`` is a Hugging Face causal LM or a PEFT model around one.  The decoder runs once; the
-    output layer then runs only at the positions whose next token is learned (prompts are not), and
-    with ``loss_chunk`` > 0 that many positions at a time, each chunk recomputed in backward
-    (activation checkpointing), so the logits of the whole micro-batch never exist at once.
+    ``model`` is a Hugging Face causal LM or a PEFT model around one.  The decoder runs once, with the
+    samples kept apart by ``attention_mask_for``; the output layer then runs only at the positions whose
+    next token is learned (prompts are not), and with ``loss_chunk`` > 0 that many positions at a time,
+    each chunk recomputed in backward (activation checkpointing), so the logits of the whole micro-batch
+    never exist at once.  ``fused_loss``: liger-kernel's fused linear cross-entropy instead (GPU only;
+    --liger all), which chunks on its own and ignores ``loss_chunk``.
     """
     input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch["position_ids"]
-    if attn_implementation == "flash_attention_2":
-        # variable-length kernels split samples at every position id 0
-        mask = None
-    else:
-        mask = dataset.block_causal_mask(position_ids, dtype)
+    mask = attention_mask_for(attn_implementation, position_ids, dtype, batch.get("attention_mask"))
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
@@ -375,7 +426,9 @@ def forward_loss_sum(model, batch, attn_implementation, dtype, loss_chunk=0):
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[learned]
     targets = targets[learned]
     head = causal_lm.get_output_embeddings()
-    if loss_chunk <= 0 or hidden.shape[0] <= loss_chunk:
+    if fused_loss:
+        loss_sum = _liger_loss_sum(hidden, head.weight, head.bias, targets)
+    elif loss_chunk <= 0 or hidden.shape[0] <= loss_chunk:
         loss_sum = _chunk_loss_sum(hidden, head.weight, head.bias, targets)
     else:
         from torch.utils.checkpoint import checkpoint
@@ -390,14 +443,17 @@ class LossModule(torch.nn.Module):
     """The model and its loss as one module, which DeepSpeed's engine wraps: forward(batch) returns the
     summed loss of the micro-batch (``forward_loss_sum``).  The checkpoints save the inner ``model``."""
 
-    def __init__(self, model, attn_implementation, dtype, loss_chunk):
+    def __init__(self, model, attn_implementation, dtype, loss_chunk, fused_loss=False):
         super().__init__()
         self.model = model
         self.attn_implementation, self.dtype, self.loss_chunk = attn_implementation, dtype, loss_chunk
+        self.fused_loss = fused_loss
 
     def forward(self, input_ids, labels, position_ids, attention_mask=None):
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        return forward_loss_sum(self.model, batch, self.attn_implementation, self.dtype, self.loss_chunk)[0]
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 "attention_mask": attention_mask}
+        return forward_loss_sum(self.model, batch, self.attn_implementation, self.dtype, self.loss_chunk,
+                                self.fused_loss)[0]
 
 
 def train_step(engine, micro_batches, device, world_size):
@@ -418,7 +474,8 @@ def train_step(engine, micro_batches, device, world_size):
     for index, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        loss_sum = engine(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+        loss_sum = engine(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                          attention_mask=batch["attention_mask"])
         engine.backward(loss_sum * (world_size / step_tokens), scale_wrt_gas=False)
         engine.step()
         loss_total += loss_sum.detach().double()
@@ -729,8 +786,10 @@ def main(argv=None):
         precision = model_loader.training_precision(args.precision, device)
         dtype = model_loader.TRAINING_DTYPES[precision]
         ds_config = resolve_ds_config(args, precision, device)
+        # kernels that cannot run here stop the run before anything is loaded
+        attn_implementation, attn_note = model_loader.training_attention(args.attention, device)
+        model_loader.check_liger(args.liger, device)
         tokenizer = load_tokenizer(args.model_path, "--model_path")
-        attn_implementation, attn_note = model_loader.training_attention(args.use_flash_attention, device)
         # full fine-tuning trains '<end>' as one token: the data is checked against that tokenizer
         end_piece_ids = None if args.use_lora or is_pretrain_data(args) else add_end_token(tokenizer)
         train_dataset = load_train_dataset(args, tokenizer)
@@ -739,6 +798,9 @@ def main(argv=None):
     if len(train_dataset) == 0:
         data_io.fail(f"--data_path {args.data_path}: no training rows")
     say(attn_note)
+    if args.liger != "off":
+        say("liger-kernel: fused RMSNorm, SwiGLU, rotary embedding"
+            + (" and output-layer cross-entropy (--loss_chunk unused)" if args.liger == "all" else ""))
     say(f"precision: {precision}; ranks: {world_size}; device: {device.type}")
 
     # ---- data ----
@@ -764,7 +826,8 @@ def main(argv=None):
         check_free_disk(run_dir, checkpoint_bytes(model, dtype))
     except (DataError, LoaderError) as e:
         data_io.fail(str(e))
-    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, attn_implementation, dtype, args.loss_chunk),
+    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, attn_implementation, dtype, args.loss_chunk,
+                                                            fused_loss=args.liger == "all"),
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config)
     global_step, start_epoch, start_step_in_epoch, resumed_rng = 0, 0, 0, None

@@ -556,9 +556,27 @@ def training_precision(requested, device):
     return "fp32"
 
 
-def training_attention(use_flash_attention, device):
-    """flash_attention_2 where asked for and available, else PyTorch SDPA; says which."""
-    if use_flash_attention:
+def flex_attention_available():
+    """True when this torch and transformers can run FlexAttention (torch.nn.attention.flex_attention)."""
+    try:
+        from transformers.utils import is_torch_flex_attn_available
+
+        return bool(is_torch_flex_attn_available())
+    except ImportError:
+        return False
+
+
+def training_attention(attention, device):
+    """The attention kernel of a training run: ``(attn_implementation, note)``; the note says which one runs.
+
+    ``attention``: sdpa, flex or flash (finetune.py --attention; ``True``/``False`` are the old
+    --use_flash_attention switch).  flash falls back to SDPA where flash-attn or a GPU is missing, and says
+    so.  flex raises LoaderError on a CPU (FlexAttention has no backward pass there) or where this torch
+    lacks it, naming the fix.
+    """
+    if isinstance(attention, bool):
+        attention = "flash" if attention else "sdpa"
+    if attention == "flash":
         try:
             import flash_attn  # noqa: F401
             if device.type == "cuda":
@@ -567,4 +585,57 @@ def training_attention(use_flash_attention, device):
         except ImportError:
             reason = "the flash_attn package is not installed"
         return "sdpa", f"attention: PyTorch SDPA ({reason}; see README for the flash-attn extra)"
-    return "sdpa", "attention: PyTorch SDPA"
+    if attention == "flex":
+        if not flex_attention_available():
+            raise LoaderError(f"--attention flex: torch {torch.__version__} has no FlexAttention "
+                              f"(torch.nn.attention.flex_attention); install torch 2.6 or newer, or use --attention sdpa")
+        if device.type != "cuda":
+            raise LoaderError(f"--attention flex trains on a CUDA GPU only: FlexAttention has no backward pass on "
+                              f"a {device.type.upper()} (torch {torch.__version__}); use --attention sdpa here "
+                              f"(the same block-diagonal mask as a dense tensor)")
+        return "flex_attention", ("attention: PyTorch FlexAttention (block-diagonal causal BlockMask, built once per "
+                                  "micro-batch; compiled on the first step)")
+    if attention != "sdpa":
+        raise LoaderError(f"--attention {attention}: unknown; choose sdpa, flex or flash")
+    return "sdpa", "attention: PyTorch SDPA (block-diagonal causal mask)"
+
+
+# ----------------------------------------------------------------------------------------------
+# training: liger-kernel's fused Triton kernels (finetune.py --liger)
+# ----------------------------------------------------------------------------------------------
+LIGER_PACKAGE = "liger-kernel"
+LIGER_CHOICES = ("off", "kernels", "all")
+
+
+def check_liger(liger, device):
+    """Raise LoaderError unless --liger ``liger`` can run here: liger-kernel installed (with triton) and a
+    CUDA GPU.  'off' always passes."""
+    if liger == "off":
+        return
+    if liger not in LIGER_CHOICES:
+        raise LoaderError(f"--liger {liger}: unknown; choose {', '.join(LIGER_CHOICES)}")
+    fix = (f"install the GPU extra (pip install -r requirements-gpu.txt, which pins {LIGER_PACKAGE}) on a CUDA "
+           f"machine, or drop --liger")
+    if device.type != "cuda":
+        raise LoaderError(f"--liger needs a CUDA GPU: {LIGER_PACKAGE}'s kernels are Triton GPU code and this run "
+                          f"is on the {device.type.upper()}; drop --liger here")
+    try:
+        import liger_kernel.transformers  # noqa: F401  (imports triton)
+    except ImportError as e:
+        raise LoaderError(f"--liger needs the {LIGER_PACKAGE} package (and triton), which cannot be imported "
+                          f"({e}); {fix}")
+
+
+def apply_liger(model, liger):
+    """liger-kernel's fused RMSNorm, SwiGLU MLP and rotary embedding on a loaded LLaMA ``model`` (before LoRA
+    wraps it), through liger's public ``apply_liger_kernel_to_llama``.  Its fused linear cross-entropy is
+    not patched in here: finetune.forward_loss_sum calls it directly (--liger all).
+
+    Note: liger swaps the rotary function and the RMSNorm/MLP classes of transformers' LLaMA module for the
+    whole process, so every LLaMA built afterwards in the same process uses them too."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    if model.config.model_type != "llama":
+        raise LoaderError(f"--liger: wired for LLaMA models only, this one is {model.config.model_type!r}; drop --liger")
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)

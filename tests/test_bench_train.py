@@ -57,7 +57,8 @@ def test_flops_formula_reproduces_the_baseline_figures():
 def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     out = tmp_path / "bench_train.json"
     proc = run_script(["bench/bench_train.py", "--shape", "tiny", "--steps", "3", "--warmup", "1",
-                       "--variants", "plain,checkpointing,loss_unchunked,qlora_nf4", "--json", str(out)], timeout=600)
+                       "--variants", "plain,checkpointing,loss_unchunked,qlora_nf4,flex,liger", "--json", str(out)],
+                      timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "losses agree across variants (tolerance 0.001): yes" in proc.stdout
     assert "TFLOP/s" in proc.stdout and "FLOPs per position" in proc.stdout
@@ -66,7 +67,12 @@ def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     assert report["shape_name"] == "tiny" and report["device"] == "cpu"
     assert report["losses_agree"] is True
     variants = {v["variant"]: v for v in report["variants"]}
-    assert list(variants) == ["plain", "checkpointing", "loss_unchunked", "qlora_nf4"]
+    assert list(variants) == ["plain", "checkpointing", "loss_unchunked", "qlora_nf4", "flex", "liger"]
+    # GPU-only levers are recorded as skipped with finetune's reason, and the run still succeeds
+    assert variants["flex"]["skipped"].startswith("--attention flex trains on a CUDA GPU only")
+    assert variants["liger"]["skipped"].startswith("--liger needs a CUDA GPU")
+    assert "losses" not in variants["flex"] and "losses" not in variants["liger"]
+    assert "flex skipped: --attention flex" in proc.stdout
     plain, ckpt = variants["plain"], variants["checkpointing"]
     # the whole logits at once: the same losses as the chunked default
     assert variants["loss_unchunked"]["loss_max_abs_diff"] <= 1e-5
@@ -116,3 +122,20 @@ def test_13b_shape_refuses_a_cpu():
     proc = run_script(["bench/bench_train.py", "--shape", "13b", "--steps", "1"], timeout=300)
     assert proc.returncode == 2
     assert "--shape 13b needs a CUDA GPU" in proc.stderr
+
+
+def test_variant_order_and_loss_tolerance_by_precision():
+    """liger variants must come last (liger patches transformers' LLaMA for the whole process); the default
+    loss tolerance follows the precision (fp32 exact on the CPU, bf16 wider)."""
+    bench = load_bench()
+    assert bench.parse_args(["--variants", "plain,flex,liger_flex,liger"]).variant_list[-1] == "liger"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "liger_flex,plain"])
+    assert bench.parse_args([]).loss_tol is None          # resolved by precision once the device is known
+    assert bench.LOSS_TOL["fp32"] == 1e-3 and bench.LOSS_TOL["bf16"] == 2e-2
+    # every GPU variant is a set of finetune.py flags that finetune's own parser accepts
+    import finetune
+
+    for name, flags in bench.VARIANTS.items():
+        args = finetune.parse_args(["--model_path", "m", "--data_path", "d.pkl", "--use_lora"] + flags)
+        assert ("--liger" in flags) == (args.liger != "off"), name
