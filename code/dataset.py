@@ -217,13 +217,15 @@ def _encode_task(task):
 
 
 def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers=1,
-                          batch_size=config.TOKENIZE_BATCH, progress=None):
+                          batch_size=config.TOKENIZE_BATCH, progress=None, start_method=None):
     """``tokenize_samples`` then ``truncate_samples``, in chunks of about ``batch_size`` segments that
     ``workers`` processes render, tokenize, assemble and truncate (1: all in this process).
 
     The template draws are made here, in this process, chunk after chunk in the original order, so
     the result is the same for any number of workers.  ``progress(total)``: a context manager with
-    ``update(n)`` (a tqdm bar), opened after the workers start.
+    ``update(n)`` (a tqdm bar), opened after the workers start (so no bar thread exists when they fork).
+    ``start_method``: 'fork' or 'spawn' (default: fork on Linux, spawn elsewhere: macOS and Windows,
+    where forking a process with system frameworks loaded is unsafe and Python's default is spawn).
     Returns (kept samples [(input_ids, labels)], truncated, dropped, learned tokens kept).
     """
     import contextlib
@@ -237,11 +239,11 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers
     progress = progress or (lambda total: contextlib.nullcontext())
     with paused_gc(), contextlib.ExitStack() as stack:
         if workers > 1:
-            # fork on Linux (the workers inherit the tokenizer and the samples, nothing is copied);
-            # spawn elsewhere (macOS and Windows, where forking a process with system frameworks loaded
-            # is unsafe and Python's default is spawn)
-            fork = sys.platform.startswith("linux")
-            context = multiprocessing.get_context("fork" if fork else "spawn")
+            # forked workers inherit the tokenizer and the samples (nothing is sent); spawned ones get the
+            # tokenizer once and each chunk's samples with its task
+            start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+            fork = start_method == "fork"
+            context = multiprocessing.get_context(start_method)
             threads = max(1, usable_cores() // workers)
             _INHERITED = (tokenizer, samples) if fork else None
             try:
