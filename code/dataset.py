@@ -189,10 +189,23 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-def resolve_workers(workers):
-    """The worker processes for --workers N: N itself, or with 0 one per usable core up to
-    config.CONVERT_WORKERS_MAX."""
-    return workers if workers > 0 else max(1, min(usable_cores(), config.CONVERT_WORKERS_MAX))
+# --workers 0 starts a worker per this many chunks at most: starting a pool (forking a process that has
+# torch and transformers loaded) costs about 0.1-0.2 s, one chunk about 30 ms of work, so a file of a few
+# chunks is converted faster in one process
+AUTO_CHUNKS_PER_WORKER = 4
+
+
+def resolve_workers(workers, chunks=None):
+    """The worker processes for --workers N: N itself, or with 0 one per usable core, at most
+    config.CONVERT_WORKERS_MAX (and, given the number of chunks, one per AUTO_CHUNKS_PER_WORKER);
+    never more than the chunks.  1: none, all in this process."""
+    if workers <= 0:
+        workers = min(usable_cores(), config.CONVERT_WORKERS_MAX)
+        if chunks is not None:
+            workers = min(workers, chunks // AUTO_CHUNKS_PER_WORKER)
+    if chunks is not None:
+        workers = min(workers, chunks)
+    return max(1, workers)
 
 
 # What forked workers inherit: (tokenizer, samples), set just before the pool starts.  Spawned workers
@@ -234,7 +247,7 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers
 
     global _INHERITED
     chunks = chunk_bounds(samples, batch_size)
-    workers = min(resolve_workers(workers), len(chunks))
+    workers = resolve_workers(workers, len(chunks))
     picker = prompt.template_picker(template, rng)
     progress = progress or (lambda total: contextlib.nullcontext())
     with paused_gc(), contextlib.ExitStack() as stack:

@@ -234,14 +234,25 @@ def reference_tokenized(tokenizer, samples, template, rng):
 
 
 def test_workers_give_the_same_file_bytes(tiny_model_dir, tmp_path):
-    import convert_data
+    import random
 
+    import convert_data
+    from conftest import load_script
+
+    bench = load_script("bench/bench_convert.py")
+    data_file = tmp_path / "dialogues.jsonl"
+    bench.write_jsonl(bench.synthetic_dialogues(600, 0), data_file)
+    chunks = dataset.chunk_bounds(dataset.group_dialogues(data_io.load_dialogues(str(data_file)),
+                                                          config.MAX_DIALOGUES_PER_SAMPLE, random.Random(5)),
+                                  config.TOKENIZE_BATCH)
+    assert len(chunks) >= 3 and dataset.resolve_workers(2, len(chunks)) == 2   # so 2 workers really run
     for workers in ("1", "2"):
-        convert_data.main(["--tokenizer", tiny_model_dir, "--max_length", "256", "--data_file", SAMPLE_PKL,
+        convert_data.main(["--tokenizer", tiny_model_dir, "--max_length", "256", "--data_file", str(data_file),
                            "--out_data_path", str(tmp_path / workers), "--seed", "5", "--workers", workers])
     one, two = ((tmp_path / w / "llama_ift_data_ids.pkl").read_bytes() for w in ("1", "2"))
     assert one == two
     counts = load_ids(tmp_path / "1")["meta"]["counts"]
+    assert counts["samples"] == sum(end - begin for begin, end, _ in chunks)
     assert counts["truncated_samples"] > 0 and counts["rows"] > 1   # truncation and packing both ran
 
 
