@@ -8,6 +8,9 @@
     python code/convert_data.py --tokenizer path/to/model --data_file my.jsonl --out_data_path out/ \
         --template zh --max_dialogues_per_sample 1
 
+    # all in this one process (no worker processes); any --workers gives the same bytes
+    python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --workers 1
+
     # for full fine-tuning (finetune.py without --use_lora adds '<end>' as one special token)
     python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --special_end_token
 
@@ -22,6 +25,11 @@ sample (the seed's habit); each turn is rendered by prompt.py with a template dr
 the end marker and the closing eos are learned.  Whole samples are packed into rows of
 --max_length (longer ones are truncated and counted) and the start of every sample is recorded,
 with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, same bytes.
+
+Speed: the template draws are made in this process, in order; then --workers processes (default: one
+per usable core, config.CONVERT_WORKERS) render, tokenize (SentencePiece batches), assemble and truncate
+contiguous chunks of config.TOKENIZE_BATCH segments and send them back as arrays; this process packs.
+The output does not depend on the number of workers.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
 document's ids and eos, every token learned (the first of a document has nothing before it to be

@@ -123,8 +123,13 @@ def _read_json_records(path):
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl"):
+        lines = text.splitlines()
+        try:   # one pass; only a bad line makes the loop below run, to name it
+            return [json.loads(line) for line in lines if line and not line.isspace()]
+        except json.JSONDecodeError:
+            pass
         records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
