@@ -214,6 +214,11 @@ _INHERITED = None
 _WORKER = None
 
 
+def _forget_inherited():
+    global _INHERITED
+    _INHERITED = None
+
+
 def _start_worker(tokenizer, threads):
     global _WORKER
     # the processes are the parallelism: a Hugging Face tokenizer's own thread pool would oversubscribe
@@ -258,12 +263,9 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers
             fork = start_method == "fork"
             context = multiprocessing.get_context(start_method)
             threads = max(1, usable_cores() // workers)
-            _INHERITED = (tokenizer, samples) if fork else None
-            try:
-                pool = stack.enter_context(context.Pool(workers, _start_worker,
-                                                        (None if fork else tokenizer, threads)))
-            finally:
-                _INHERITED = None
+            _INHERITED = (tokenizer, samples) if fork else None   # also for a worker the pool replaces
+            stack.callback(_forget_inherited)
+            pool = stack.enter_context(context.Pool(workers, _start_worker, (None if fork else tokenizer, threads)))
 
             def tasks():  # drawn lazily, by the pool's feeder thread, while earlier chunks are encoded
                 for begin, end, _ in chunks:
