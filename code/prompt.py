@@ -199,13 +199,16 @@ class SentencePieceSegments:
 
     def encode(self, texts, threads=None):
         threads = threads or self.threads
-        if self.split is None or not any(self.split.search(t) for t in texts):
+        # one search over all texts (a match across two of them only costs the slower path below)
+        if self.split is None or not self.split.search("\n".join(texts)):
             return self.processor.encode(list(texts), num_threads=threads)
+        # the parts between added tokens of all texts, encoded in one batch (with --special_end_token every
+        # answer holds '<end>': a call per text would be the seed's speed)
+        split = [[p for p in self.split.split(text) if p] for text in texts]
+        plain = [p for parts in split for p in parts if p not in self.added]
+        encoded = iter(self.processor.encode(plain, num_threads=threads) if plain else [])
         results = []
-        for text in texts:
-            parts = [p for p in self.split.split(text) if p]
-            plain = [p for p in parts if p not in self.added]
-            encoded = iter(self.processor.encode(plain, num_threads=threads) if plain else [])
+        for parts in split:
             ids = []
             for part in parts:
                 ids.extend([self.added[part]] if part in self.added else next(encoded))
