@@ -305,7 +305,7 @@ def run(args, workdir):
     workers = dataset.resolve_workers(args.workers)
 
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
-    print(f"1/3 this project: convert_data.convert, {workers} worker process(es) ...", flush=True)
+    print(f"1/3 this project: convert_data.convert, --workers {args.workers} -> {workers} process(es) ...", flush=True)
     project, project_s = timed(convert_data.convert, convert_args, show_progress=False)
     print("2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
     (slow, texts, slow_ids), slow_s = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
@@ -324,8 +324,9 @@ def run(args, workdir):
     counts = project["meta"]["counts"]
     tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
     methods = [
-        ("this project", f"convert_data.convert: {workers} worker process(es) on {dataset.usable_cores()} cores, "
-                         f"chunks of {config.TOKENIZE_BATCH} segments, SentencePiece batches", project_s),
+        ("this project", (f"convert_data.convert: {workers} worker processes" if workers > 1 else
+                          "convert_data.convert in one process") + f" on {dataset.usable_cores()} cores, chunks "
+                         f"of {config.TOKENIZE_BATCH} segments, SentencePiece batches", project_s),
         ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_s),
         ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_s),
     ]
@@ -377,7 +378,8 @@ def print_report(report):
     load = machine["load_average"]
     print(f"machine: {machine['usable_cores']} usable cores of {machine['cpus']} ({machine['cpu']})"
           + (f", load average {load[0]:.2f} at the start" if load else "")
-          + f"; this project: {report['workers']} worker process(es); the seed's method and the reference: one process")
+          + f"; this project: {report['workers']} worker process(es) (1: none, in one process); the seed's method "
+            "and the reference: one process")
     header = f"{'method':<14} {'seconds':>9} {'dialogues/s':>12} {'tokens/s':>11} {'project x':>10}  how"
     print(header)
     print("-" * len(header))
