@@ -84,9 +84,10 @@ TOKENIZE_BATCH = 1024          # segments per fast-tokenizer call
 # convert_data.py --workers: processes that render, tokenize and assemble chunks of TOKENIZE_BATCH
 # segments.  0 = one per usable core, at most CONVERT_WORKERS_MAX (and one per 4 chunks, so a small file
 # stays in one process): the tokenizer scales with cores but reading, grouping and packing stay in one
-# process, so past ~16 workers that process is the whole time and more would only add start-up and
-# memory.  1 = everything in one process (no pool).  Any number gives the same bytes (the template draws
-# are made in the main process, in order).
+# process (about 1.2 CPU-seconds for 20,000 dialogues on the 2-core VM, BENCHMARKS.md), so with many
+# workers that process is the whole time and more would only add start-up and memory (16: the host
+# the project measures on; a larger cap is not measured).  1 = everything in one process (no pool).
+# Any number gives the same bytes (the template draws are made in the main process, in order).
 CONVERT_WORKERS = 0
 CONVERT_WORKERS_MAX = 16
 
