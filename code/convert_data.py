@@ -75,7 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=config.CONVERT_WORKERS,
                         help="processes that render, tokenize and assemble the samples, chunk by chunk: 0 = one "
                              f"per usable core, at most {config.CONVERT_WORKERS_MAX}; 1 = all in this process; "
-                             "the output is the same for any number (default: %(default)s)")
+                             "the output is the same for any number; --mode pretrain runs in one process "
+                             "(default: %(default)s)")
     parser.add_argument("--special_end_token", action="store_true",
                         help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
                              "(what full fine-tuning trains with)")
