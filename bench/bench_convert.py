@@ -6,13 +6,17 @@
     # another tokenizer (a local model directory or a Hugging Face id holding tokenizer.model)
     python bench/bench_convert.py --tokenizer path/to/model --dialogues 20000
 
+    # the project's conversion in one process (convert_data.py --workers 1), or with N worker processes
+    python bench/bench_convert.py --dialogues 20000 --workers 1
+
 One process converts the same synthetic dialogues (a seeded mix of Chinese and English dialogues of
 1-5 turns, some turns with an input) three ways, back to back:
 
 1. this project: ``convert_data.convert(args)``, the real code path of ``code/convert_data.py``
-   (read the .jsonl, load the fast tokenizer, group, render with prompt.py, tokenize in batches of
-   config.TOKENIZE_BATCH texts, truncate, pack).  Nothing of it is re-implemented here.
-2. the seed's method: the same steps (same reading, same ``dataset.group_dialogues`` and
+   (read the .jsonl, load the fast tokenizer, group, draw the templates, then render, tokenize,
+   assemble and truncate chunks of config.TOKENIZE_BATCH segments in --workers processes, pack).
+   Nothing of it is re-implemented here.
+2. the seed's method, in this one process: the same steps (same reading, same ``dataset.group_dialogues`` and
    ``prompt.conversation_segments`` with an identically seeded rng, same truncation and packing), but
    every segment is tokenized by its own call of a slow, sentencepiece-backed tokenizer:
    ``transformers.SentencePieceBackend`` with ``legacy=True``, transformers 5's slow tokenizer class
@@ -253,6 +257,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic dialogues and of the conversion's shuffle, joining and "
                              "template draws (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=config.CONVERT_WORKERS,
+                        help="this project's worker processes, as convert_data.py --workers (0: one per usable "
+                             f"core, at most {config.CONVERT_WORKERS_MAX}; 1: none) (default: %(default)s)")
     parser.add_argument("--json", default=None, metavar="OUT.json",
                         help="also write the figures, date, machine, versions and command to this JSON file")
     args = parser.parse_args(argv)
@@ -260,6 +267,8 @@ def parse_args(argv=None):
         parser.error("--dialogues must be at least 1")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16")
+    if args.workers < 0:
+        parser.error("--workers must be 0 (one per usable core) or more")
     return args
 
 
@@ -292,9 +301,11 @@ def run(args, workdir):
 
     convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
                                             "--data_file", data_file, "--out_data_path", workdir,
-                                            "--seed", str(args.seed)])
+                                            "--seed", str(args.seed), "--workers", str(args.workers)])
+    workers = dataset.resolve_workers(args.workers)
 
-    print("1/3 this project: convert_data.convert ...", flush=True)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
+    print(f"1/3 this project: convert_data.convert, --workers {args.workers} -> {workers} process(es) ...", flush=True)
     project, project_s = timed(convert_data.convert, convert_args, show_progress=False)
     print("2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
     (slow, texts, slow_ids), slow_s = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
@@ -313,7 +324,9 @@ def run(args, workdir):
     counts = project["meta"]["counts"]
     tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
     methods = [
-        ("this project", "convert_data.convert: fast tokenizer, batches of %d texts" % config.TOKENIZE_BATCH, project_s),
+        ("this project", (f"convert_data.convert: {workers} worker processes" if workers > 1 else
+                          "convert_data.convert in one process") + f" on {dataset.usable_cores()} cores, chunks "
+                         f"of {config.TOKENIZE_BATCH} segments, SentencePiece batches", project_s),
         ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_s),
         ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_s),
     ]
@@ -324,7 +337,9 @@ def run(args, workdir):
     report = {
         "benchmark": "bench/bench_convert.py",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "usable_cores": dataset.usable_cores(),
+                    "load_average": load_at_start,
+                    "platform": platform.platform(),
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "versions": versions(),
         "command": "python " + " ".join(["bench/bench_convert.py"] + sys.argv[1:]),
@@ -339,6 +354,7 @@ def run(args, workdir):
         "truncated_samples": counts["truncated_samples"],
         "max_length": args.max_length,
         "seed": args.seed,
+        "workers": workers,            # this project's; the seed's method and the reference run in one process
         "results": rows,
         "speedup_vs_seed": round(speedup, 2),
         "speedup_vs_sentencepiece": round(bare_s / project_s, 2),
@@ -358,6 +374,12 @@ def print_report(report):
           f"{report['segments']} segments, {report['tokens']} tokens -> {report['rows']} rows of "
           f"{report['max_length']} ({report['truncated_samples']} samples truncated); tokenizer: {report['tokenizer']} "
           f"(vocabulary {report['tokenizer_vocab_size']})")
+    machine = report["machine"]
+    load = machine["load_average"]
+    print(f"machine: {machine['usable_cores']} usable cores of {machine['cpus']} ({machine['cpu']})"
+          + (f", load average {load[0]:.2f} at the start" if load else "")
+          + f"; this project: {report['workers']} worker process(es) (1: none, in one process); the seed's method "
+            "and the reference: one process")
     header = f"{'method':<14} {'seconds':>9} {'dialogues/s':>12} {'tokens/s':>11} {'project x':>10}  how"
     print(header)
     print("-" * len(header))

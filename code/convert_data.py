@@ -8,6 +8,9 @@
     python code/convert_data.py --tokenizer path/to/model --data_file my.jsonl --out_data_path out/ \
         --template zh --max_dialogues_per_sample 1
 
+    # all in this one process (no worker processes); any --workers gives the same bytes
+    python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --workers 1
+
     # for full fine-tuning (finetune.py without --use_lora adds '<end>' as one special token)
     python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --special_end_token
 
@@ -22,6 +25,11 @@ sample (the seed's habit); each turn is rendered by prompt.py with a template dr
 the end marker and the closing eos are learned.  Whole samples are packed into rows of
 --max_length (longer ones are truncated and counted) and the start of every sample is recorded,
 with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, same bytes.
+
+Speed: the template draws are made in this process, in order; then --workers processes (default: one
+per usable core, config.CONVERT_WORKERS) render, tokenize (SentencePiece batches), assemble and truncate
+contiguous chunks of config.TOKENIZE_BATCH segments and send them back as arrays; this process packs.
+The output does not depend on the number of workers.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
 document's ids and eos, every token learned (the first of a document has nothing before it to be
@@ -64,12 +72,19 @@ def parse_args(argv=None):
                              "every token learned")
     parser.add_argument("--text_field", default=config.PRETRAIN["text_field"],
                         help="--mode pretrain with a .jsonl file: the field holding the text (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=config.CONVERT_WORKERS,
+                        help="processes that render, tokenize and assemble the samples, chunk by chunk: 0 = one "
+                             f"per usable core, at most {config.CONVERT_WORKERS_MAX}; 1 = all in this process; "
+                             "the output is the same for any number; --mode pretrain runs in one process "
+                             "(default: %(default)s)")
     parser.add_argument("--special_end_token", action="store_true",
                         help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
                              "(what full fine-tuning trains with)")
     args = parser.parse_args(argv)
     if args.max_length < 16:
         parser.error("--max_length must be at least 16")
+    if args.workers < 0:
+        parser.error("--workers must be 0 (one per usable core) or more")
     if args.max_dialogues_per_sample < 1:
         parser.error("--max_dialogues_per_sample must be 1 or more")
     if args.template != "random" and args.template not in prompt.template_names():
@@ -97,15 +112,17 @@ def load_tokenizer(path, special_end_token):
     return tokenizer
 
 
-def packing_counts(samples, packed, max_length):
-    """Rows and token counts of packed (input_ids, labels) samples, for the ids file's meta."""
+def packing_counts(samples, packed, max_length, learned_tokens=None):
+    """Rows and token counts of packed (input_ids, labels) samples, for the ids file's meta
+    (``learned_tokens``: the samples' learned tokens where already counted)."""
     real = sum(len(ids) for ids, _ in samples)
     rows = len(packed["input_ids"])
+    if learned_tokens is None:
+        learned_tokens = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples)
     # training cuts each micro-batch to its longest row (dataset.collate_rows); one row at a time that
     # is each row's own length, and the rows are spread evenly, so pairs of them differ by a few tokens
     fed = sum(dataset.fed_length(sum(mask), max_length) for mask in packed["attention_mask"])
-    return {"rows": rows, "real_tokens": real,
-            "learned_tokens": sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples),
+    return {"rows": rows, "real_tokens": real, "learned_tokens": learned_tokens,
             "pad_tokens": rows * max_length - real, "fed_positions": fed, "real_token_share": real / fed,
             "real_token_share_of_full_rows": real / (rows * max_length)}
 
@@ -118,6 +135,11 @@ def share_text(counts):
 
 def convert(args, show_progress=True):
     """Return the ids-file dict for ``args``."""
+    with dataset.paused_gc():
+        return _convert(args, show_progress)
+
+
+def _convert(args, show_progress):
     from tqdm import tqdm
 
     dialogues = data_io.load_dialogues(args.data_file)
@@ -125,11 +147,10 @@ def convert(args, show_progress=True):
 
     rng = random.Random(args.seed)
     samples = dataset.group_dialogues(dialogues, args.max_dialogues_per_sample, rng)
-    segment_count = sum(1 + 2 * len(turns) for turns in samples)
-    with tqdm(total=segment_count, desc="tokenizing", unit="seg", disable=not show_progress,
-              file=sys.stderr) as bar:
-        tokenized = dataset.tokenize_samples(tokenizer, samples, args.template, rng, progress=bar)
-    kept, truncated, dropped = dataset.truncate_samples(tokenized, args.max_length)
+    kept, truncated, dropped, learned = dataset.tokenize_and_truncate(
+        tokenizer, samples, args.template, rng, args.max_length, workers=args.workers,
+        progress=lambda total: tqdm(total=total, desc="tokenizing", unit="seg", disable=not show_progress,
+                                    file=sys.stderr))
     if not kept:
         raise DataError(f"{args.data_file}: no sample has an answer token within --max_length "
                         f"{args.max_length}; raise --max_length")
@@ -141,7 +162,7 @@ def convert(args, show_progress=True):
         "samples": len(samples),
         "truncated_samples": truncated,
         "dropped_samples": dropped,
-        **packing_counts(kept, packed, args.max_length),
+        **packing_counts(kept, packed, args.max_length, learned),
     }
     meta = {
         "mode": "ift",

@@ -123,8 +123,13 @@ def _read_json_records(path):
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl"):
+        lines = text.splitlines()
+        try:   # one pass; only a bad line makes the loop below run, to name it
+            return [json.loads(line) for line in lines if line and not line.isspace()]
+        except json.JSONDecodeError:
+            pass
         records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -168,29 +173,52 @@ def validate_dialogues(data, path):
     for d_index, dialogue in enumerate(data):
         if isinstance(dialogue, dict):  # Alpaca-style single-turn record
             dialogue = [dict(dialogue, input=dialogue.get("input", ""))]
-        where = f"{path}: dialogue {d_index}"
-        if not isinstance(dialogue, list):
-            raise DataError(f"{where}: expected a list of turns, found {type(dialogue).__name__}")
-        if not dialogue:
-            raise DataError(f"{where}: empty dialogue (it needs at least one turn); remove it")
-        turns = []
-        for t_index, turn in enumerate(dialogue):
-            where_turn = f"{where}, turn {t_index}"
-            if not isinstance(turn, dict):
-                raise DataError(f"{where_turn}: expected a dict with keys {list(TURN_KEYS)}, found {type(turn).__name__}")
-            missing = [k for k in TURN_KEYS if k not in turn]
-            if missing:
-                raise DataError(f"{where_turn}: missing key(s) {missing}; every turn needs {list(TURN_KEYS)}")
-            for key in TURN_KEYS:
-                if not isinstance(turn[key], str):
-                    raise DataError(f"{where_turn}: field '{key}' must be a string, found {type(turn[key]).__name__}")
-            if not turn["instruction"].strip():
-                raise DataError(f"{where_turn}: empty 'instruction'; every turn needs a question")
-            if not turn["output"].strip():
-                raise DataError(f"{where_turn}: empty 'output'; every turn needs an answer to learn")
-            turns.append({k: turn[k] for k in TURN_KEYS})
-        dialogues.append(turns)
+        turns = _clean_turns(dialogue)
+        dialogues.append(turns if turns is not None else _checked_turns(dialogue, f"{path}: dialogue {d_index}"))
     return dialogues
+
+
+def _clean_turns(dialogue):
+    """The fast path of validation: the turns of a well-formed dialogue (plain dicts whose three fields
+    are plain str, instruction and output not blank), copied to the three keys; None where anything
+    is off (or merely unusual, such as a str subclass), for ``_checked_turns`` to judge and name."""
+    if type(dialogue) is not list or not dialogue:
+        return None
+    turns = []
+    for turn in dialogue:
+        if type(turn) is not dict:
+            return None
+        instruction, input_text, output = turn.get("instruction"), turn.get("input"), turn.get("output")
+        if not (type(instruction) is str and type(input_text) is str and type(output) is str
+                and instruction.strip() and output.strip()):
+            return None
+        turns.append({"instruction": instruction, "input": input_text, "output": output})
+    return turns
+
+
+def _checked_turns(dialogue, where):
+    """The turns of one dialogue, each checked with a DataError naming what is wrong (and where)."""
+    if not isinstance(dialogue, list):
+        raise DataError(f"{where}: expected a list of turns, found {type(dialogue).__name__}")
+    if not dialogue:
+        raise DataError(f"{where}: empty dialogue (it needs at least one turn); remove it")
+    turns = []
+    for t_index, turn in enumerate(dialogue):
+        where_turn = f"{where}, turn {t_index}"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where_turn}: expected a dict with keys {list(TURN_KEYS)}, found {type(turn).__name__}")
+        missing = [k for k in TURN_KEYS if k not in turn]
+        if missing:
+            raise DataError(f"{where_turn}: missing key(s) {missing}; every turn needs {list(TURN_KEYS)}")
+        for key in TURN_KEYS:
+            if not isinstance(turn[key], str):
+                raise DataError(f"{where_turn}: field '{key}' must be a string, found {type(turn[key]).__name__}")
+        if not turn["instruction"].strip():
+            raise DataError(f"{where_turn}: empty 'instruction'; every turn needs a question")
+        if not turn["output"].strip():
+            raise DataError(f"{where_turn}: empty 'output'; every turn needs an answer to learn")
+        turns.append({k: turn[k] for k in TURN_KEYS})
+    return turns
 
 
 def load_documents(path, text_field="text"):

@@ -12,9 +12,15 @@ FlexAttention) so no token attends across samples.
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
 import bisect
+import gc
 import heapq
+import itertools
+import os
 import random
+from contextlib import contextmanager
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -46,29 +52,244 @@ def group_dialogues(dialogues, max_dialogues_per_sample, rng):
 def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, progress=None):
     """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)].
 
-    Segments of many samples are tokenized together in batches of ``batch_size`` texts (the fast
-    tokenizer's batch call), then reassembled per sample; eos closes every sample and is learned.
+    Segments of many samples are tokenized together in batches of about ``batch_size`` texts, then
+    reassembled per sample; eos closes every sample and is learned.  In this process (the datasets
+    of finetune.py call it); convert_data.py uses ``tokenize_and_truncate``, which can use workers.
     """
-    all_segments = [prompt.conversation_segments(turns, template=template, rng=rng) for turns in samples]
-    texts = [text for segments in all_segments for text, _ in segments]
-    token_lists = []
-    for start in range(0, len(texts), batch_size):
-        token_lists.extend(prompt.tokenize_segment_texts(tokenizer, texts[start:start + batch_size]))
-        if progress is not None:
-            progress.update(min(batch_size, len(texts) - start))
-    eos = tokenizer.eos_token_id  # a property lookup per sample costs more than the packing
-    results, cursor = [], 0
-    for segments in all_segments:
-        input_ids, labels = [], []
-        for _, learned in segments:
-            ids = token_lists[cursor]
-            cursor += 1
-            input_ids.extend(ids)
-            labels.extend(ids if learned else [IGNORE_INDEX] * len(ids))
-        input_ids.append(eos)
-        labels.append(eos)
-        results.append((input_ids, labels))
+    with paused_gc():
+        picker = prompt.template_picker(template, rng)
+        results = []
+        for begin, end, segments in chunk_bounds(samples, batch_size):
+            picks = [[picker(turn) for turn in turns] for turns in samples[begin:end]]
+            results.extend(encoded_to_lists([encode_samples(tokenizer, samples[begin:end], picks)]))
+            if progress is not None:
+                progress.update(segments)
     return results
+
+
+def segment_count(turns):
+    """Segments of a sample: the meta prompt, then a question and an answer per turn."""
+    return 1 + 2 * len(turns)
+
+
+def chunk_bounds(samples, batch_size):
+    """Contiguous chunks [(begin, end, segments)] of samples holding about ``batch_size`` segments
+    each (at least one sample): one tokenizer batch, and one task of convert_data's workers."""
+    chunks, begin, segments = [], 0, 0
+    for index, turns in enumerate(samples):
+        segments += segment_count(turns)
+        if segments >= batch_size:
+            chunks.append((begin, index + 1, segments))
+            begin, segments = index + 1, 0
+    if begin < len(samples):
+        chunks.append((begin, len(samples), segments))
+    return chunks
+
+
+class EncodedSamples(NamedTuple):
+    """Samples as flat arrays (cheap to send between processes): the ids of all samples one after
+    the other, whether each token is learned, each sample's length; and, when truncated to a
+    max_length, how many samples were cut, dropped (nothing left to learn) and the learned tokens kept."""
+    ids: np.ndarray          # int32
+    learned: np.ndarray      # bool
+    lengths: np.ndarray      # int64
+    truncated: int = 0
+    dropped: int = 0
+    learned_tokens: int = 0
+
+
+def encode_samples(tokenizer, samples, picks, max_length=None, threads=None):
+    """Render ``samples`` with their template ``picks`` (prompt.draw_templates), tokenize every segment
+    in one batch, and assemble each sample's ids (eos closes it and is learned); with ``max_length``,
+    samples longer are cut and those left with nothing to learn dropped, as ``truncate_samples`` does.
+
+    The assembly runs on arrays: per-segment lists from the tokenizer are flattened once, and the
+    learned mask, the eos positions and the truncation are computed without a Python loop per token.
+    """
+    rendered = [prompt.render_segments(turns, turn_picks) for turns, turn_picks in zip(samples, picks)]
+    texts = [text for segments in rendered for text, _ in segments]
+    flags = np.fromiter((learned for segments in rendered for _, learned in segments), bool, len(texts))
+    per_sample = np.fromiter(map(len, rendered), np.int64, len(rendered))
+    if not texts:
+        return EncodedSamples(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))
+    token_lists = prompt.tokenize_segment_texts(tokenizer, texts, threads)
+    segment_lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(token_lists), np.int32, int(segment_lengths.sum()))
+    learned = np.repeat(flags, segment_lengths)
+    body = np.add.reduceat(segment_lengths, np.cumsum(per_sample) - per_sample)  # tokens before eos
+    ends = np.cumsum(body)
+    ids = np.insert(flat, ends, tokenizer.eos_token_id)
+    learned = np.insert(learned, ends, True)
+    lengths = body + 1
+    if max_length is None:
+        return EncodedSamples(ids, learned, lengths, learned_tokens=int(learned.sum()))
+    starts = np.cumsum(lengths) - lengths
+    kept = np.minimum(lengths, max_length)
+    learned_before = np.concatenate(([0], np.cumsum(learned, dtype=np.int64)))
+    learned_kept = learned_before[starts + kept] - learned_before[starts]
+    keep = learned_kept > 0
+    truncated, dropped = int((lengths > max_length).sum()), int((~keep).sum())
+    if truncated or dropped:
+        position = np.arange(len(ids)) - np.repeat(starts, lengths)
+        mask = position < np.repeat(np.where(keep, kept, 0), lengths)
+        ids, learned, lengths = ids[mask], learned[mask], kept[keep]
+    return EncodedSamples(ids, learned, lengths, truncated, dropped, int(learned_kept[keep].sum()))
+
+
+def encoded_to_lists(parts):
+    """[(input_ids, labels)] lists of ``EncodedSamples`` parts, in order; labels are -100 where a token
+    is not learned.  Every id becomes one shared int object of a table (numpy object-array indexing),
+    so no Python int is allocated per token, which is most of the cost of building these lists."""
+    top = max((int(part.ids.max()) for part in parts if len(part.ids)), default=-1)
+    table = _int_table(top)
+    results = []
+    for part in parts:
+        shifted = part.ids.astype(np.int64) + 1
+        ids = table[shifted].tolist()
+        labels = table[np.where(part.learned, shifted, 0)].tolist()
+        begin = 0
+        for end in np.cumsum(part.lengths).tolist():
+            results.append((ids[begin:end], labels[begin:end]))
+            begin = end
+    return results
+
+
+_INT_TABLE = np.array([IGNORE_INDEX], dtype=object)
+
+
+def _int_table(top):
+    """An object array of Python ints: [IGNORE_INDEX, 0, 1, ..., top] (at least), built once and grown."""
+    global _INT_TABLE
+    if len(_INT_TABLE) < top + 2:
+        table = np.empty(top + 2, dtype=object)
+        table[0] = IGNORE_INDEX
+        table[1:] = list(range(top + 1))
+        _INT_TABLE = table
+    return _INT_TABLE
+
+
+@contextmanager
+def paused_gc():
+    """Pause the cyclic garbage collector: building millions of small lists triggers full collections
+    that each walk every list item in memory (about a tenth of the conversion time); the objects built
+    here hold no reference cycles.  Forked workers inherit the pause, so they never walk (and copy)
+    the parent's objects either."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def usable_cores():
+    """CPU cores this process may run on (its affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --workers 0 starts a worker per this many chunks at most: starting a pool (forking a process that has
+# torch and transformers loaded) costs about 0.1-0.2 s, one chunk about 30 ms of work, so a file of a few
+# chunks is converted faster in one process
+AUTO_CHUNKS_PER_WORKER = 4
+
+
+def resolve_workers(workers, chunks=None):
+    """The worker processes for --workers N: N itself, or with 0 one per usable core, at most
+    config.CONVERT_WORKERS_MAX (and, given the number of chunks, one per AUTO_CHUNKS_PER_WORKER);
+    never more than the chunks.  1: none, all in this process."""
+    if workers <= 0:
+        workers = min(usable_cores(), config.CONVERT_WORKERS_MAX)
+        if chunks is not None:
+            workers = min(workers, chunks // AUTO_CHUNKS_PER_WORKER)
+    if chunks is not None:
+        workers = min(workers, chunks)
+    return max(1, workers)
+
+
+# What forked workers inherit: (tokenizer, samples), set just before the pool starts.  Spawned workers
+# (where fork is not used) get the tokenizer through the initializer and each chunk's samples with its task.
+_INHERITED = None
+_WORKER = None
+
+
+def _forget_inherited():
+    global _INHERITED
+    _INHERITED = None
+
+
+def _start_worker(tokenizer, threads):
+    global _WORKER
+    # the processes are the parallelism: a Hugging Face tokenizer's own thread pool would oversubscribe
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = (tokenizer if tokenizer is not None else _INHERITED[0], threads)
+
+
+def _encode_task(task):
+    begin, end, samples, picks, max_length = task
+    tokenizer, threads = _WORKER
+    if samples is None:
+        samples = _INHERITED[1][begin:end]
+    return encode_samples(tokenizer, samples, picks, max_length, threads)
+
+
+def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers=1,
+                          batch_size=config.TOKENIZE_BATCH, progress=None, start_method=None):
+    """``tokenize_samples`` then ``truncate_samples``, in chunks of about ``batch_size`` segments that
+    ``workers`` processes render, tokenize, assemble and truncate (1: all in this process).
+
+    The template draws are made here, in this process, chunk after chunk in the original order, so
+    the result is the same for any number of workers.  ``progress(total)``: a context manager with
+    ``update(n)`` (a tqdm bar), opened after the workers start (so no bar thread exists when they fork).
+    ``start_method``: 'fork' or 'spawn' (default: fork on Linux, spawn elsewhere: macOS and Windows,
+    where forking a process with system frameworks loaded is unsafe and Python's default is spawn).
+    Returns (kept samples [(input_ids, labels)], truncated, dropped, learned tokens kept).
+    """
+    import contextlib
+    import multiprocessing
+    import sys
+
+    global _INHERITED
+    chunks = chunk_bounds(samples, batch_size)
+    workers = resolve_workers(workers, len(chunks))
+    picker = prompt.template_picker(template, rng)
+    progress = progress or (lambda total: contextlib.nullcontext())
+    with paused_gc(), contextlib.ExitStack() as stack:
+        if workers > 1:
+            # forked workers inherit the tokenizer and the samples (nothing is sent); spawned ones get the
+            # tokenizer once and each chunk's samples with its task
+            start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+            fork = start_method == "fork"
+            context = multiprocessing.get_context(start_method)
+            threads = max(1, usable_cores() // workers)
+            _INHERITED = (tokenizer, samples) if fork else None   # also for a worker the pool replaces
+            stack.callback(_forget_inherited)
+            pool = stack.enter_context(context.Pool(workers, _start_worker, (None if fork else tokenizer, threads)))
+
+            def tasks():  # drawn lazily, by the pool's feeder thread, while earlier chunks are encoded
+                for begin, end, _ in chunks:
+                    picks = [[picker(turn) for turn in turns] for turns in samples[begin:end]]
+                    yield begin, end, None if fork else samples[begin:end], picks, max_length
+            encoded = pool.imap(_encode_task, tasks())
+        else:
+            encoded = (encode_samples(tokenizer, samples[begin:end],
+                                      [[picker(turn) for turn in turns] for turns in samples[begin:end]],
+                                      max_length) for begin, end, _ in chunks)
+        bar = stack.enter_context(progress(sum(count for _, _, count in chunks)))
+        kept, truncated, dropped, learned = [], 0, 0, 0
+        for (_, _, count), part in zip(chunks, encoded):
+            kept.extend(encoded_to_lists([part]))
+            truncated, dropped, learned = (truncated + part.truncated, dropped + part.dropped,
+                                           learned + part.learned_tokens)
+            if bar is not None:
+                bar.update(count)
+        if workers > 1:
+            pool.close()
+            pool.join()
+    return kept, truncated, dropped, learned
 
 
 def truncate_samples(tokenized, max_length):

@@ -29,19 +29,37 @@ def pick_templates(turn, rng, template):
     (with or without input) and one input template drawn from config.INPUT_TEMPLATES.
     Otherwise the named template is used for every turn and the input is inserted as it is.
     """
-    has_input = bool(turn.get("input"))
-    kind = "with_input" if has_input else "plain"
+    return template_picker(template, rng)(turn)
+
+
+def template_picker(template, rng):
+    """A function turn -> (turn template name, input template): ``pick_templates`` with its lookups done
+    once, for drawing the templates of many turns in a row (the same draws, in the same order)."""
     if template == "random":
-        names = [name for name, parts in config.TURN_TEMPLATES.items() if parts[kind] is not None]
-        name = rng.choice(names)
-        input_template = rng.choice(config.INPUT_TEMPLATES) if has_input else None
-        return name, input_template
+        choice, input_templates = rng.choice, config.INPUT_TEMPLATES
+        plain = [name for name, parts in config.TURN_TEMPLATES.items() if parts["plain"] is not None]
+        with_input = [name for name, parts in config.TURN_TEMPLATES.items() if parts["with_input"] is not None]
+
+        def pick(turn):
+            if turn.get("input"):
+                name = choice(with_input)          # the turn template first, then the input template
+                return name, choice(input_templates)
+            return choice(plain), None
+        return pick
     if template not in config.TURN_TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose 'random' or one of {template_names()}")
-    if config.TURN_TEMPLATES[template][kind] is None:
-        # this template only exists for turns with an input: fall back to the chat template
-        template = config.INFERENCE_TEMPLATE
-    return template, config.PINNED_INPUT_TEMPLATE
+    # a template that only exists for turns with an input falls back to the chat template
+    pinned = {kind: (template if config.TURN_TEMPLATES[template][kind] is not None else config.INFERENCE_TEMPLATE,
+                     config.PINNED_INPUT_TEMPLATE) for kind in ("plain", "with_input")}
+    return lambda turn: pinned["with_input" if turn.get("input") else "plain"]
+
+
+def draw_templates(conversations, template, rng):
+    """The template picks of every turn of every conversation, drawn in order: the draws that
+    ``conversation_segments`` makes for each conversation, one after the other.  Rendering then takes
+    no draws (``render_segments``), so it can run anywhere, in any order (convert_data's workers)."""
+    pick = template_picker(template, rng)
+    return [[pick(turn) for turn in turns] for turns in conversations]
 
 
 def template_names():
@@ -69,16 +87,20 @@ def conversation_segments(turns, template=config.INFERENCE_TEMPLATE, rng=None, m
     it must be the last turn.
     """
     rng = rng or random.Random(0)
+    pick = template_picker(template, rng)
+    return render_segments(turns, [pick(turn) for turn in turns], meta_prompt)
+
+
+def render_segments(turns, picks, meta_prompt=None):
+    """Segments of ``turns`` rendered with the template picks drawn for them (one per turn)."""
     segments = [(config.META_PROMPT if meta_prompt is None else meta_prompt, False)]
-    for index, turn in enumerate(turns):
-        name, input_template = pick_templates(turn, rng, template)
+    last = len(turns) - 1
+    for index, (turn, (name, input_template)) in enumerate(zip(turns, picks)):
         question = question_text(turn["instruction"], turn.get("input") or "", name, input_template)
-        if index > 0:
-            question = config.TURN_SEPARATOR + question
-        segments.append((question, False))
+        segments.append((config.TURN_SEPARATOR + question if index else question, False))
         output = turn.get("output")
         if output is None:
-            if index != len(turns) - 1:
+            if index != last:
                 raise ValueError("only the last turn of a conversation may lack an output")
             break
         segments.append((answer_text(output), True))
@@ -175,14 +197,18 @@ class SentencePieceSegments:
         self.split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
         self.threads = max(1, min(8, os.cpu_count() or 1))
 
-    def encode(self, texts):
-        if self.split is None or not any(self.split.search(t) for t in texts):
-            return self.processor.encode(list(texts), num_threads=self.threads)
+    def encode(self, texts, threads=None):
+        threads = threads or self.threads
+        # one search over all texts (a match across two of them only costs the slower path below)
+        if self.split is None or not self.split.search("\n".join(texts)):
+            return self.processor.encode(list(texts), num_threads=threads)
+        # the parts between added tokens of all texts, encoded in one batch (with --special_end_token every
+        # answer holds '<end>': a call per text would be the seed's speed)
+        split = [[p for p in self.split.split(text) if p] for text in texts]
+        plain = [p for parts in split for p in parts if p not in self.added]
+        encoded = iter(self.processor.encode(plain, num_threads=threads) if plain else [])
         results = []
-        for text in texts:
-            parts = [p for p in self.split.split(text) if p]
-            plain = [p for p in parts if p not in self.added]
-            encoded = iter(self.processor.encode(plain, num_threads=self.threads) if plain else [])
+        for parts in split:
             ids = []
             for part in parts:
                 ids.extend([self.added[part]] if part in self.added else next(encoded))
@@ -215,18 +241,19 @@ def segment_encoder(tokenizer):
     return _SEGMENT_ENCODERS[key]
 
 
-def tokenize_segment_texts(tokenizer, texts):
+def tokenize_segment_texts(tokenizer, texts, threads=None):
     """Token ids of each text, tokenized on its own without special tokens (one batched call).
 
     Training (convert_data.py, dataset.py) and inference (chat.py) both come here, so they always
-    agree.  LLaMA tokenizers go through SentencePiece itself (``segment_encoder``), others through
-    the Hugging Face tokenizer's batch call.
+    agree.  LLaMA tokenizers go through SentencePiece itself (``segment_encoder``; ``threads``: its
+    encoding threads, default min(8, cores); convert_data's worker processes pass their share of the
+    cores), others through the Hugging Face tokenizer's batch call.
     """
     if not texts:
         return []
     encoder = segment_encoder(tokenizer)
     if encoder is not None:
-        return encoder.encode(texts)
+        return encoder.encode(texts, threads)
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 

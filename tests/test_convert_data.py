@@ -218,3 +218,96 @@ def test_template_choice_and_unknown_template(tiny_model_dir, tmp_path):
     assert set(rng_counts) == set(config.TURN_TEMPLATES)  # every with-input template is drawn
     proc = convert(tiny_model_dir, tmp_path, "--template", "klingon", check=False)
     assert proc.returncode != 0 and "--template" in proc.stderr and "zh" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# worker processes (--workers) and the fast paths: the same ids, the same bytes
+# ----------------------------------------------------------------------------------------------
+def reference_tokenized(tokenizer, samples, template, rng):
+    """The conversion's ids as the code did them before the workers: each sample rendered by
+    conversation_segments (drawing its templates), encoded, closed by a learned eos."""
+    out = []
+    for turns in samples:
+        input_ids, labels = prompt.encode_segments(tokenizer, prompt.conversation_segments(turns, template, rng))
+        out.append((input_ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]))
+    return out
+
+
+def test_workers_give_the_same_file_bytes(tiny_model_dir, tmp_path):
+    import random
+
+    import convert_data
+    from conftest import load_script
+
+    bench = load_script("bench/bench_convert.py")
+    data_file = tmp_path / "dialogues.jsonl"
+    bench.write_jsonl(bench.synthetic_dialogues(600, 0), data_file)
+    chunks = dataset.chunk_bounds(dataset.group_dialogues(data_io.load_dialogues(str(data_file)),
+                                                          config.MAX_DIALOGUES_PER_SAMPLE, random.Random(5)),
+                                  config.TOKENIZE_BATCH)
+    assert len(chunks) >= 3 and dataset.resolve_workers(2, len(chunks)) == 2   # so 2 workers really run
+    for workers in ("1", "2"):
+        convert_data.main(["--tokenizer", tiny_model_dir, "--max_length", "256", "--data_file", str(data_file),
+                           "--out_data_path", str(tmp_path / workers), "--seed", "5", "--workers", workers])
+    one, two = ((tmp_path / w / "llama_ift_data_ids.pkl").read_bytes() for w in ("1", "2"))
+    assert one == two
+    counts = load_ids(tmp_path / "1")["meta"]["counts"]
+    assert counts["samples"] == sum(end - begin for begin, end, _ in chunks)
+    assert counts["truncated_samples"] > 0 and counts["rows"] > 1   # truncation and packing both ran
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_worker_chunks_equal_the_in_process_path(tiny_tokenizer, start_method):
+    """Many small chunks over 3 workers (fork, and spawn as on macOS/Windows) give exactly the samples,
+    truncation and drop counts of tokenize_samples + truncate_samples, and the same later rng draws."""
+    import random
+
+    if start_method not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip(f"{start_method} is not available here")
+    samples = dataset.group_dialogues(data_io.load_dialogues(SAMPLE_PKL), 4, random.Random(1))
+    rng_old, rng_new = random.Random(2), random.Random(2)
+    expected = reference_tokenized(tiny_tokenizer, samples, "random", rng_old)
+    assert dataset.tokenize_samples(tiny_tokenizer, samples, "random", random.Random(2), batch_size=64) == expected
+    kept, truncated, dropped = dataset.truncate_samples(expected, 48)
+    workers = 3 if start_method == "fork" else 2
+    got = dataset.tokenize_and_truncate(tiny_tokenizer, samples, "random", rng_new, 48, workers=workers,
+                                        batch_size=64, start_method=start_method)
+    assert len(dataset.chunk_bounds(samples, 64)) > 3 * workers
+    assert dropped > 0 and truncated > dropped     # a meta prompt + question longer than 48 leaves nothing
+    learned = sum(len(l) - l.count(dataset.IGNORE_INDEX) for _, l in kept)
+    assert got == (kept, truncated, dropped, learned)
+    assert rng_new.random() == rng_old.random()
+
+
+def test_drawn_templates_render_as_conversation_segments():
+    import random
+
+    dialogues = data_io.load_dialogues(SAMPLE_PKL)[:60]
+    for template in ("random", "zh", "zh_known"):   # zh_known: only with an input, zh for the others
+        rng_a, rng_b = random.Random(7), random.Random(7)
+        picks = prompt.draw_templates(dialogues, template, rng_a)
+        drawn = [prompt.render_segments(turns, p) for turns, p in zip(dialogues, picks)]
+        assert drawn == [prompt.conversation_segments(turns, template, rng_b) for turns in dialogues]
+        assert rng_a.getstate() == rng_b.getstate()
+        names = {name for p in picks for name, _ in p}
+        assert names == (set(config.TURN_TEMPLATES) if template == "random" else
+                         {template} if template == "zh" else {"zh", "zh_known"})
+
+
+def test_validation_fast_path_agrees_with_the_checked_path():
+    class Text(str):
+        pass
+
+    data = [[{"instruction": "q", "input": "", "output": "a", "extra": 1}],
+            {"instruction": "Name a colour.", "output": "Blue."},                      # Alpaca record
+            [{"instruction": Text("q"), "input": "x", "output": "a"}],               # a str subclass
+            [{"instruction": "q", "input": "", "output": "a"}, {"instruction": "r", "input": "", "output": "b"}]]
+    got = data_io.validate_dialogues(data, "f.json")
+    assert got == [[{"instruction": "q", "input": "", "output": "a"}],
+                   [{"instruction": "Name a colour.", "input": "", "output": "Blue."}],
+                   [{"instruction": "q", "input": "x", "output": "a"}],
+                   data[3]]
+    assert all(list(t) == list(data_io.TURN_KEYS) for d in got for t in d)
+    assert data_io._clean_turns(data[2]) is None and type(got[2][0]["instruction"]) is Text
+    with pytest.raises(data_io.DataError, match=r"f.json: dialogue 1, turn 0: empty 'instruction'"):
+        data_io.validate_dialogues([data[0], [{"instruction": " ", "input": "", "output": "a"}]], "f.json")
