@@ -190,3 +190,12 @@ def test_finetune_stops_with_one_message_for_gpu_only_levers(tmp_path):
         expected = "error: --attention flex trains on a CUDA GPU only" if flag[0] == "--attention" \
             else "error: --liger needs a CUDA GPU: liger-kernel's kernels"
         assert errors[0].startswith(expected), errors
+
+
+def test_readme_gpu_extra_resolves():
+    """README's `pip install -r requirements-gpu.txt`: the pinned GPU extra exists in the package index
+    (a dry run without dependencies; installing it needs a CUDA machine's triton)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "-r",
+                           os.path.join(REPO, "requirements-gpu.txt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Would install liger_kernel-0.8.5" in proc.stdout
