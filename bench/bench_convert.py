@@ -183,7 +183,7 @@ def convert_per_piece(args, load):
     for turns in samples:
         input_ids, labels = [], []
         # the rng is only drawn by conversation_segments, so sample by sample gives the same draws as
-        # dataset.tokenize_samples, which renders every sample first
+        # the project, which draws every turn's template in order before rendering
         for text, learned in prompt.conversation_segments(turns, template=args.template, rng=rng):
             ids = encode(text)
             texts.append(text)

@@ -49,22 +49,14 @@ def group_dialogues(dialogues, max_dialogues_per_sample, rng):
     return samples
 
 
-def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, progress=None):
+def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH):
     """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)].
 
     Segments of many samples are tokenized together in batches of about ``batch_size`` texts, then
-    reassembled per sample; eos closes every sample and is learned.  In this process (the datasets
-    of finetune.py call it); convert_data.py uses ``tokenize_and_truncate``, which can use workers.
+    reassembled per sample; eos closes every sample and is learned.  ``tokenize_and_truncate`` in this
+    process, without a max_length.
     """
-    with paused_gc():
-        picker = prompt.template_picker(template, rng)
-        results = []
-        for begin, end, segments in chunk_bounds(samples, batch_size):
-            picks = [[picker(turn) for turn in turns] for turns in samples[begin:end]]
-            results.extend(encoded_to_lists([encode_samples(tokenizer, samples[begin:end], picks)]))
-            if progress is not None:
-                progress.update(segments)
-    return results
+    return tokenize_and_truncate(tokenizer, samples, template, rng, None, batch_size=batch_size)[0]
 
 
 def segment_count(turns):
@@ -238,8 +230,9 @@ def _encode_task(task):
 
 def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers=1,
                           batch_size=config.TOKENIZE_BATCH, progress=None, start_method=None):
-    """``tokenize_samples`` then ``truncate_samples``, in chunks of about ``batch_size`` segments that
-    ``workers`` processes render, tokenize, assemble and truncate (1: all in this process).
+    """``tokenize_samples`` then ``truncate_samples`` (with ``max_length`` None: no truncation), in chunks
+    of about ``batch_size`` segments that ``workers`` processes render, tokenize, assemble and truncate
+    (1: all in this process; what finetune.py's datasets use).
 
     The template draws are made here, in this process, chunk after chunk in the original order, so
     the result is the same for any number of workers.  ``progress(total)``: a context manager with
@@ -256,6 +249,10 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers
     chunks = chunk_bounds(samples, batch_size)
     workers = resolve_workers(workers, len(chunks))
     picker = prompt.template_picker(template, rng)
+
+    def picks_of(begin, end):   # the template draws of a chunk, made in this process and in order
+        return [[picker(turn) for turn in turns] for turns in samples[begin:end]]
+
     progress = progress or (lambda total: contextlib.nullcontext())
     with paused_gc(), contextlib.ExitStack() as stack:
         if workers > 1:
@@ -271,13 +268,11 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers
 
             def tasks():  # drawn lazily, by the pool's feeder thread, while earlier chunks are encoded
                 for begin, end, _ in chunks:
-                    picks = [[picker(turn) for turn in turns] for turns in samples[begin:end]]
-                    yield begin, end, None if fork else samples[begin:end], picks, max_length
+                    yield begin, end, None if fork else samples[begin:end], picks_of(begin, end), max_length
             encoded = pool.imap(_encode_task, tasks())
         else:
-            encoded = (encode_samples(tokenizer, samples[begin:end],
-                                      [[picker(turn) for turn in turns] for turns in samples[begin:end]],
-                                      max_length) for begin, end, _ in chunks)
+            encoded = (encode_samples(tokenizer, samples[begin:end], picks_of(begin, end), max_length)
+                       for begin, end, _ in chunks)
         bar = stack.enter_context(progress(sum(count for _, _, count in chunks)))
         kept, truncated, dropped, learned = [], 0, 0, 0
         for (_, _, count), part in zip(chunks, encoded):
@@ -569,8 +564,8 @@ class GPT2Dataset_onlyres(PackedRows):
         super().__init__()
         rng = random.Random(seed)
         samples = group_dialogues(datas, max_dialogues_per_sample, rng)
-        tokenized, self.truncated, self.dropped = truncate_samples(
-            tokenize_samples(tokenizer, samples, template, rng), max_length)
+        tokenized, self.truncated, self.dropped, _ = tokenize_and_truncate(tokenizer, samples, template, rng,
+                                                                            max_length)
         packed = pack_samples(tokenized, max_length, pad_token_id_of(tokenizer))
         self.max_length = max_length
         self.input_ids = packed["input_ids"]
@@ -585,8 +580,8 @@ class BertDataset_onlyres(Dataset):
     def __init__(self, tokenizer, datas, max_length, template="random", seed=config.CONVERT_SEED, **kwargs):
         super().__init__()
         rng = random.Random(seed)
-        tokenized, self.truncated, self.dropped = truncate_samples(
-            tokenize_samples(tokenizer, list(datas), template, rng), max_length)
+        tokenized, self.truncated, self.dropped, _ = tokenize_and_truncate(tokenizer, list(datas), template, rng,
+                                                                            max_length)
         self.samples = tokenized
         self.max_length = max_length
         self.pad_token_id = pad_token_id_of(tokenizer)
