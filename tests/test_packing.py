@@ -106,3 +106,25 @@ def test_sample_data_at_2048_trains_on_99_percent_real_tokens(tiny_model_dir, ti
             fed += batch["input_ids"].numel()
     assert real == 8 * counts["real_tokens"]
     assert real / fed >= 0.99, real / fed
+
+
+def test_dialogue_datasets_tokenize_at_start_up_like_convert_data(tiny_tokenizer):
+    """--dataset_type GPT2Dataset_onlyres (packed) and BertDataset_onlyres (one padded dialogue per row) build
+    their rows from a dialogue file with the same tokenization and truncation as convert_data.py."""
+    dialogues = data_io.load_dialogues(f"{REPO}/data/test/ift_data.pkl")
+    expected = dataset.tokenize_samples(tiny_tokenizer, dialogues, "zh", random.Random(3))
+    kept, truncated, dropped = dataset.truncate_samples(expected, 256)
+    rows = dataset.BertDataset_onlyres(tiny_tokenizer, dialogues, 256, template="zh", seed=3)
+    assert (len(rows), rows.truncated, rows.dropped) == (len(kept), truncated, dropped) and truncated > 0
+    for index in (0, len(rows) - 1):
+        item, (ids, labels) = rows[index], kept[index]
+        assert item["input_ids"][:len(ids)].tolist() == ids and item["labels"][:len(ids)].tolist() == labels
+        assert int(item["attention_mask"].sum()) == len(ids) and set(item["labels"][len(ids):].tolist()) <= {-100}
+    packed = dataset.GPT2Dataset_onlyres(tiny_tokenizer, dialogues, 1024, template="zh", seed=3)
+    rng = random.Random(3)
+    grouped = dataset.group_dialogues(dialogues, config.MAX_DIALOGUES_PER_SAMPLE, rng)
+    kept, truncated, dropped = dataset.truncate_samples(dataset.tokenize_samples(tiny_tokenizer, grouped, "zh", rng),
+                                                        1024)
+    assert (packed.truncated, packed.dropped) == (truncated, dropped) and 0 < len(packed) < len(dialogues)
+    assert sum(sum(mask) for mask in packed.attention_mask) == sum(len(ids) for ids, _ in kept)
+    assert sum(len(starts) for starts in packed.sample_starts) == len(kept)
