@@ -6,15 +6,18 @@
     # another tokenizer (a local model directory or a Hugging Face id holding tokenizer.model)
     python bench/bench_convert.py --tokenizer path/to/model --dialogues 20000
 
-    # the project's conversion in one process (convert_data.py --workers 1), or with N worker processes
-    python bench/bench_convert.py --dialogues 20000 --workers 1
+    # each method three times, rounds interleaved, the best time of each kept (a shared machine's noise)
+    python bench/bench_convert.py --dialogues 20000 --repeats 3 --json bench_convert.json
+
+    # the project's tokenizer on one thread (convert_data.py --threads 1)
+    python bench/bench_convert.py --dialogues 20000 --threads 1
 
 One process converts the same synthetic dialogues (a seeded mix of Chinese and English dialogues of
-1-5 turns, some turns with an input) three ways, back to back:
+1-5 turns, some turns with an input) three ways, back to back (--repeats N: N such rounds):
 
 1. this project: ``convert_data.convert(args)``, the real code path of ``code/convert_data.py``
-   (read the .jsonl, load the fast tokenizer, group, draw the templates, then render, tokenize,
-   assemble and truncate chunks of config.TOKENIZE_BATCH segments in --workers processes, pack).
+   (read the .jsonl, load the fast tokenizer, group, then render and assemble chunks of
+   config.TOKENIZE_BATCH segments while the previous chunk is tokenized on --threads threads, truncate, pack).
    Nothing of it is re-implemented here.
 2. the seed's method, in this one process: the same steps (same reading, same ``dataset.group_dialogues`` and
    ``prompt.conversation_segments`` with an identically seeded rng, same truncation and packing), but
@@ -31,7 +34,8 @@ project's, and every segment's ids must equal the fast tokenizer's; otherwise th
 are counted (with how many start with a space) and the script exits 1.  It prints one table
 (seconds, dialogues/s, tokens/s, speed-up) and, with --json, writes the figures with date, machine,
 package versions and command.  Timings on a shared machine are noisy; the methods run in the same
-process one after the other, on the same input.
+process one after the other, on the same input; with --repeats N each method's best time of its N
+runs is the figure (all times are in the JSON), the usual estimate where other work only ever adds time.
 """
 import argparse
 import datetime
@@ -193,7 +197,7 @@ def convert_per_piece(args, load):
         input_ids.append(eos_id)
         labels.append(eos_id)
         tokenized.append((input_ids, labels))
-    kept, _, _ = dataset.truncate_samples(tokenized, args.max_length)
+    kept = dataset.truncate_samples(tokenized, args.max_length)[0]
     packed = dataset.pack_samples(kept, args.max_length, pad_id)
     return packed, texts, segment_ids
 
@@ -257,9 +261,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic dialogues and of the conversion's shuffle, joining and "
                              "template draws (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=config.CONVERT_WORKERS,
-                        help="this project's worker processes, as convert_data.py --workers (0: one per usable "
-                             f"core, at most {config.CONVERT_WORKERS_MAX}; 1: none) (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=config.CONVERT_THREADS,
+                        help="this project's tokenizer threads, as convert_data.py --threads (0: one per usable "
+                             f"core, at most {config.CONVERT_THREADS_MAX}) (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the three methods (interleaved); each method's best time is reported "
+                             "(default: %(default)s)")
     parser.add_argument("--json", default=None, metavar="OUT.json",
                         help="also write the figures, date, machine, versions and command to this JSON file")
     args = parser.parse_args(argv)
@@ -267,8 +274,10 @@ def parse_args(argv=None):
         parser.error("--dialogues must be at least 1")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16")
-    if args.workers < 0:
-        parser.error("--workers must be 0 (one per usable core) or more")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (one per usable core) or more")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
@@ -301,16 +310,27 @@ def run(args, workdir):
 
     convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
                                             "--data_file", data_file, "--out_data_path", workdir,
-                                            "--seed", str(args.seed), "--workers", str(args.workers)])
-    workers = dataset.resolve_workers(args.workers)
+                                            "--seed", str(args.seed), "--threads", str(args.threads)])
+    threads = dataset.resolve_threads(args.threads)
 
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
-    print(f"1/3 this project: convert_data.convert, --workers {args.workers} -> {workers} process(es) ...", flush=True)
-    project, project_s = timed(convert_data.convert, convert_args, show_progress=False)
-    print("2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
-    (slow, texts, slow_ids), slow_s = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
-    print("3/3 reference: bare sentencepiece, one call per piece ...", flush=True)
-    (bare, _, bare_ids), bare_s = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
+    project_times, slow_times, bare_times, unstable = [], [], [], []
+    for round_index in range(args.repeats):
+        tag = f"round {round_index + 1}/{args.repeats}: " if args.repeats > 1 else ""
+        print(f"{tag}1/3 this project: convert_data.convert, --threads {args.threads} -> {threads} ...", flush=True)
+        project_run, seconds = timed(convert_data.convert, convert_args, show_progress=False)
+        project_times.append(seconds)
+        print(f"{tag}2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
+        (slow, texts, slow_ids), seconds = timed(convert_per_piece, convert_args,
+                                                 lambda: load_slow_tokenizer(tokenizer_dir))
+        slow_times.append(seconds)
+        print(f"{tag}3/3 reference: bare sentencepiece, one call per piece ...", flush=True)
+        (bare, _, bare_ids), seconds = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
+        bare_times.append(seconds)
+        if round_index == 0:
+            project = project_run
+        elif project_run != project:       # the same input gives the same output every round
+            unstable.append(round_index + 1)
 
     # checks (untimed): whole packed rows, then segment by segment against the fast tokenizer
     fast = convert_data.load_tokenizer(tokenizer_dir, False)
@@ -319,20 +339,22 @@ def run(args, workdir):
         fast_ids.extend(prompt.tokenize_segment_texts(fast, texts[start:start + config.TOKENIZE_BATCH]))
     differing = [i for i in range(len(texts)) if not (fast_ids[i] == slow_ids[i] == bare_ids[i])]
     fields = {"seed_slow": compare(project, slow), "sentencepiece": compare(project, bare)}
-    identical = not differing and not any(fields.values())
+    identical = not differing and not any(fields.values()) and not unstable
 
     counts = project["meta"]["counts"]
     tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
     methods = [
-        ("this project", (f"convert_data.convert: {workers} worker processes" if workers > 1 else
-                          "convert_data.convert in one process") + f" on {dataset.usable_cores()} cores, chunks "
-                         f"of {config.TOKENIZE_BATCH} segments, SentencePiece batches", project_s),
-        ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_s),
-        ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_s),
+        ("this project", f"convert_data.convert: SentencePiece batches on {threads} thread(s) beside the Python "
+                         f"work, chunks of {config.TOKENIZE_BATCH} segments, {dataset.usable_cores()} cores",
+         project_times),
+        ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_times),
+        ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_times),
     ]
-    rows = [{"method": name, "how": how, "seconds": round(s, 3), "dialogues_per_s": round(len(dialogues) / s, 1),
-             "tokens_per_s": round(tokens / s), "speedup_of_project": round(s / project_s, 2)}
-            for name, how, s in methods]
+    project_s, slow_s, bare_s = min(project_times), min(slow_times), min(bare_times)
+    rows = [{"method": name, "how": how, "seconds": round(min(times), 3), "all_seconds": [round(t, 3) for t in times],
+             "dialogues_per_s": round(len(dialogues) / min(times), 1), "tokens_per_s": round(tokens / min(times)),
+             "speedup_of_project": round(min(times) / project_s, 2)}
+            for name, how, times in methods]
     speedup = slow_s / project_s
     report = {
         "benchmark": "bench/bench_convert.py",
@@ -354,7 +376,8 @@ def run(args, workdir):
         "truncated_samples": counts["truncated_samples"],
         "max_length": args.max_length,
         "seed": args.seed,
-        "workers": workers,            # this project's; the seed's method and the reference run in one process
+        "threads": threads,            # this project's tokenizer threads; the seed's method and the reference: one
+        "repeats": args.repeats,       # rounds; "seconds" is each method's best of them
         "results": rows,
         "speedup_vs_seed": round(speedup, 2),
         "speedup_vs_sentencepiece": round(bare_s / project_s, 2),
@@ -364,6 +387,7 @@ def run(args, workdir):
         "segments_differing": len(differing),
         "segments_differing_with_leading_space": sum(texts[i][:1] == " " for i in differing),
         "packed_fields_differing": fields,
+        "rounds_differing_from_the_first": unstable,
     }
     return report
 
@@ -378,8 +402,8 @@ def print_report(report):
     load = machine["load_average"]
     print(f"machine: {machine['usable_cores']} usable cores of {machine['cpus']} ({machine['cpu']})"
           + (f", load average {load[0]:.2f} at the start" if load else "")
-          + f"; this project: {report['workers']} worker process(es) (1: none, in one process); the seed's method "
-            "and the reference: one process")
+          + f"; this project: tokenizer on {report['threads']} thread(s); the seed's method and the reference: "
+            f"one thread; best of {report['repeats']} interleaved run(s) each")
     header = f"{'method':<14} {'seconds':>9} {'dialogues/s':>12} {'tokens/s':>11} {'project x':>10}  how"
     print(header)
     print("-" * len(header))
@@ -394,7 +418,8 @@ def print_report(report):
     else:
         print(f"ids identical: NO: {report['segments_differing']} segments differ "
               f"({report['segments_differing_with_leading_space']} of them start with a space, where transformers 5's "
-              f"fast LlamaTokenizer adds no dummy '▁'); packed fields differing: {report['packed_fields_differing']}")
+              f"fast LlamaTokenizer adds no dummy '▁'); packed fields differing: {report['packed_fields_differing']}; "
+              f"rounds whose output differed from the first: {report['rounds_differing_from_the_first']}")
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@
 #    -> $OUT/bench_infer_13b_fast.json                                                (cut at 230 s);
 # 3. training (issue 8), 13B shape, 2 x 2048, 2 warm-up + 4 timed steps: plain, flex, flex_checkpointing,
 #    liger_flex, liger_flex_checkpointing -> $OUT/bench_train_13b.json              (cut at 230 s);
-# 4. conversion (issue 2) on the host's CPU cores: bench_convert.py, 20,000 dialogues, default --workers
+# 4. conversion (issue 2) on the host's CPU cores: bench_convert.py, 20,000 dialogues, default --threads
 #    -> $OUT/bench_convert_host.json                                                  (cut at 60 s).
 # No tiny-shape smoke runs: a broken install fails the first 13B step within seconds, with the reason.
 # Left for the full scripts: inference at batch 8 and the bitsandbytes baselines (gpu_infer_check.sh),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The unattended CPU check of data conversion on a many-core host: bench/bench_convert.py (20,000 synthetic
-# dialogues, the tiny tokenizer built on the fly) with convert_data's worker processes, for the 16-core CPU
+# dialogues, the tiny tokenizer built on the fly) with convert_data's tokenizer threads, for the 16-core CPU
 # of the H200 machine.  CPU only: it never touches the GPU.
 #
 #     OUT=/some/folder bash bench/host_convert_check.sh        # from the repo root, or anywhere
@@ -8,14 +8,13 @@
 #
 # 1. installs the wheels carried in .whl/ (if any) and prints the versions (bench/gpu_setup.sh; nothing
 #    needs carrying on the H200 image, which has torch, transformers, tokenizers and sentencepiece);
-# 2. bench_convert.py with the default --workers (0: one per usable core, at most 16)
-#    -> $OUT/bench_convert_host.json;
-# 3. the same with --workers 1 (the whole conversion in one process) -> $OUT/bench_convert_host_w1.json;
-# 4. the default again (timings are noisy) -> $OUT/bench_convert_host_again.json.
-# Each run converts the same dialogues with this project, then with the seed's method (one slow tokenizer
-# call per piece, one process), then bare sentencepiece, and exits 1 if any ids differ.  Everything printed
-# also goes to $OUT/log.  Expected wall time on a 16-core host: about 35 s a run (the seed's method ~17 s),
-# under 2 minutes in all; each run is cut at 150 s.
+# 2. bench_convert.py with the default --threads (0: one per usable core, at most 16), three interleaved
+#    rounds, each method's best time kept -> $OUT/bench_convert_host.json (cut at 150 s);
+# 3. one round with --threads 1 (the tokenizer on one thread) -> $OUT/bench_convert_host_t1.json (cut at 60 s).
+# Each round converts the same dialogues with this project, then with the seed's method (one slow tokenizer
+# call per piece, one thread), then bare sentencepiece, and the script exits 1 if any ids differ.  Everything
+# printed also goes to $OUT/log.  Expected wall time on a 16-core host: about 25 s a round (the seed's
+# method ~17 s), under 2 minutes in all.
 # Exit status: 0 when every run succeeded with identical ids, else that of the first that did not
 # (1 ids differ, 2 a missing package or bad argument, 124 timed out).
 set -uo pipefail
@@ -33,12 +32,12 @@ run() {
     gpu_setup bench_convert.py transformers tokenizers sentencepiece numpy tqdm
     echo "== cores: nproc $(nproc), load average $(cut -d' ' -f1-3 /proc/loadavg)"
     local status=0 rc
-    for spec in "bench_convert_host.json" "bench_convert_host_w1.json --workers 1" "bench_convert_host_again.json"; do
+    for spec in "150 bench_convert_host.json --repeats 3" "60 bench_convert_host_t1.json --threads 1"; do
         set -- $spec
-        local json=$1
-        shift
-        echo "== bench_convert.py --dialogues $DIALOGUES $* -> $OUT/$json"
-        timeout -k 10 150 "$PY" bench/bench_convert.py --dialogues "$DIALOGUES" "$@" --json "$OUT/$json"
+        local limit=$1 json=$2
+        shift 2
+        echo "== bench_convert.py --dialogues $DIALOGUES $* -> $OUT/$json (cut at $limit s)"
+        timeout -k 10 "$limit" "$PY" bench/bench_convert.py --dialogues "$DIALOGUES" "$@" --json "$OUT/$json"
         rc=$?
         echo "== exit status: $rc"
         if [ "$status" -eq 0 ] && [ "$rc" -ne 0 ]; then status=$rc; fi

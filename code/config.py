@@ -87,15 +87,14 @@ TOKENIZE_BATCH = 1024          # segments per fast-tokenizer call
 # data (tiny test tokenizer, 2048) 18 rows of 1,905-1,946 real tokens instead of 17 full ones and one of 322:
 # 94.2% of full rows are real, 99.8% of rows cut to their own length.
 ROW_LENGTH_MULTIPLE = 8
-# convert_data.py --workers: processes that render, tokenize and assemble chunks of TOKENIZE_BATCH
-# segments.  0 = one per usable core, at most CONVERT_WORKERS_MAX (and one per 4 chunks, so a small file
-# stays in one process): the tokenizer scales with cores but reading, grouping and packing stay in one
-# process (about 1.2 CPU-seconds for 20,000 dialogues on the 2-core VM, BENCHMARKS.md), so with many
-# workers that process is the whole time and more would only add start-up and memory (16: the host
-# the project measures on; a larger cap is not measured).  1 = everything in one process (no pool).
-# Any number gives the same bytes (the template draws are made in the main process, in order).
-CONVERT_WORKERS = 0
-CONVERT_WORKERS_MAX = 16
+# convert_data.py --threads: threads of SentencePiece's batched C++ encode, which runs in a background
+# thread (outside the GIL) while the main thread renders the next chunk and assembles the one before.
+# 0 = one per usable core, at most CONVERT_THREADS_MAX: tokenizing is about 60% of the conversion's CPU
+# time on the 2-core VM (BENCHMARKS.md), the rest (reading, rendering, assembling, packing) is one Python
+# thread, so beyond a few cores more threads only wait (16: the cores of the host the project measures on).
+# Any number gives the same bytes.
+CONVERT_THREADS = 0
+CONVERT_THREADS_MAX = 16
 
 # --------------------------------------------------------------------------------------------
 # LoRA (peft) -- the seed's settings

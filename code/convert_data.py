@@ -8,8 +8,8 @@
     python code/convert_data.py --tokenizer path/to/model --data_file my.jsonl --out_data_path out/ \
         --template zh --max_dialogues_per_sample 1
 
-    # all in this one process (no worker processes); any --workers gives the same bytes
-    python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --workers 1
+    # the tokenizer on one thread (default: one per usable core); any --threads gives the same bytes
+    python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --threads 1
 
     # for full fine-tuning (finetune.py without --use_lora adds '<end>' as one special token)
     python code/convert_data.py --tokenizer path/to/model --out_data_path data/test/ --special_end_token
@@ -26,10 +26,10 @@ the end marker and the closing eos are learned.  Whole samples are packed into r
 --max_length (longer ones are truncated and counted) and the start of every sample is recorded,
 with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, same bytes.
 
-Speed: the template draws are made in this process, in order; then --workers processes (default: one
-per usable core, config.CONVERT_WORKERS) render, tokenize (SentencePiece batches), assemble and truncate
-contiguous chunks of config.TOKENIZE_BATCH segments and send them back as arrays; this process packs.
-The output does not depend on the number of workers.
+Speed: the segments are tokenized in chunks of config.TOKENIZE_BATCH by SentencePiece's batched C++
+encode on --threads threads (default: one per usable core, config.CONVERT_THREADS) in a background
+thread, while this thread renders the next chunk and assembles the one before (dataset.tokenize_samples).
+The output does not depend on the number of threads.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
 document's ids and eos, every token learned (the first of a document has nothing before it to be
@@ -72,19 +72,18 @@ def parse_args(argv=None):
                              "every token learned")
     parser.add_argument("--text_field", default=config.PRETRAIN["text_field"],
                         help="--mode pretrain with a .jsonl file: the field holding the text (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=config.CONVERT_WORKERS,
-                        help="processes that render, tokenize and assemble the samples, chunk by chunk: 0 = one "
-                             f"per usable core, at most {config.CONVERT_WORKERS_MAX}; 1 = all in this process; "
-                             "the output is the same for any number; --mode pretrain runs in one process "
-                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=config.CONVERT_THREADS,
+                        help="threads of the tokenizer (SentencePiece's batched encode): 0 = one per usable "
+                             f"core, at most {config.CONVERT_THREADS_MAX}; the output is the same for any "
+                             "number (default: %(default)s)")
     parser.add_argument("--special_end_token", action="store_true",
                         help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
                              "(what full fine-tuning trains with)")
     args = parser.parse_args(argv)
     if args.max_length < 16:
         parser.error("--max_length must be at least 16")
-    if args.workers < 0:
-        parser.error("--workers must be 0 (one per usable core) or more")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (one per usable core) or more")
     if args.max_dialogues_per_sample < 1:
         parser.error("--max_dialogues_per_sample must be 1 or more")
     if args.template != "random" and args.template not in prompt.template_names():
@@ -147,10 +146,11 @@ def _convert(args, show_progress):
 
     rng = random.Random(args.seed)
     samples = dataset.group_dialogues(dialogues, args.max_dialogues_per_sample, rng)
-    kept, truncated, dropped, learned = dataset.tokenize_and_truncate(
-        tokenizer, samples, args.template, rng, args.max_length, workers=args.workers,
-        progress=lambda total: tqdm(total=total, desc="tokenizing", unit="seg", disable=not show_progress,
-                                    file=sys.stderr))
+    segments = sum(map(dataset.segment_count, samples))
+    with tqdm(total=segments, desc="tokenizing", unit="seg", disable=not show_progress, file=sys.stderr) as bar:
+        kept, truncated, dropped, learned = dataset.tokenize_and_truncate(
+            tokenizer, samples, args.template, rng, args.max_length, threads=dataset.resolve_threads(args.threads),
+            progress=bar)
     if not kept:
         raise DataError(f"{args.data_file}: no sample has an answer token within --max_length "
                         f"{args.max_length}; raise --max_length")
@@ -191,7 +191,8 @@ def convert_pretrain(args, show_progress=True):
     documents = data_io.load_documents(args.data_file, args.text_field)
     tokenizer = load_tokenizer(args.tokenizer, False)
     with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show_progress, file=sys.stderr) as bar:
-        samples, cut = dataset.tokenize_documents(tokenizer, documents, args.max_length, progress=bar)
+        samples, cut = dataset.tokenize_documents(tokenizer, documents, args.max_length,
+                                                  threads=dataset.resolve_threads(args.threads), progress=bar)
     if not samples:
         raise DataError(f"{args.data_file}: no document has two tokens or more to learn from")
     packed = dataset.pack_samples(samples, args.max_length, dataset.pad_token_id_of(tokenizer))

@@ -14,13 +14,10 @@ The --dataset_type names map to classes through DATASET_TYPES (never eval).
 import bisect
 import gc
 import heapq
-import itertools
 import os
 import random
 from contextlib import contextmanager
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -49,16 +46,6 @@ def group_dialogues(dialogues, max_dialogues_per_sample, rng):
     return samples
 
 
-def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH):
-    """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)].
-
-    Segments of many samples are tokenized together in batches of about ``batch_size`` texts, then
-    reassembled per sample; eos closes every sample and is learned.  ``tokenize_and_truncate`` in this
-    process, without a max_length.
-    """
-    return tokenize_and_truncate(tokenizer, samples, template, rng, None, batch_size=batch_size)[0]
-
-
 def segment_count(turns):
     """Segments of a sample: the meta prompt, then a question and an answer per turn."""
     return 1 + 2 * len(turns)
@@ -66,7 +53,7 @@ def segment_count(turns):
 
 def chunk_bounds(samples, batch_size):
     """Contiguous chunks [(begin, end, segments)] of samples holding about ``batch_size`` segments
-    each (at least one sample): one tokenizer batch, and one task of convert_data's workers."""
+    each (at least one sample): one tokenizer batch."""
     chunks, begin, segments = [], 0, 0
     for index, turns in enumerate(samples):
         segments += segment_count(turns)
@@ -78,94 +65,11 @@ def chunk_bounds(samples, batch_size):
     return chunks
 
 
-class EncodedSamples(NamedTuple):
-    """Samples as flat arrays (cheap to send between processes): the ids of all samples one after
-    the other, whether each token is learned, each sample's length; and, when truncated to a
-    max_length, how many samples were cut, dropped (nothing left to learn) and the learned tokens kept."""
-    ids: np.ndarray          # int32
-    learned: np.ndarray      # bool
-    lengths: np.ndarray      # int64
-    truncated: int = 0
-    dropped: int = 0
-    learned_tokens: int = 0
-
-
-def encode_samples(tokenizer, samples, picks, max_length=None, threads=None):
-    """Render ``samples`` with their template ``picks`` (prompt.draw_templates), tokenize every segment
-    in one batch, and assemble each sample's ids (eos closes it and is learned); with ``max_length``,
-    samples longer are cut and those left with nothing to learn dropped, as ``truncate_samples`` does.
-
-    The assembly runs on arrays: per-segment lists from the tokenizer are flattened once, and the
-    learned mask, the eos positions and the truncation are computed without a Python loop per token.
-    """
-    rendered = [prompt.render_segments(turns, turn_picks) for turns, turn_picks in zip(samples, picks)]
-    texts = [text for segments in rendered for text, _ in segments]
-    flags = np.fromiter((learned for segments in rendered for _, learned in segments), bool, len(texts))
-    per_sample = np.fromiter(map(len, rendered), np.int64, len(rendered))
-    if not texts:
-        return EncodedSamples(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))
-    token_lists = prompt.tokenize_segment_texts(tokenizer, texts, threads)
-    segment_lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(token_lists), np.int32, int(segment_lengths.sum()))
-    learned = np.repeat(flags, segment_lengths)
-    body = np.add.reduceat(segment_lengths, np.cumsum(per_sample) - per_sample)  # tokens before eos
-    ends = np.cumsum(body)
-    ids = np.insert(flat, ends, tokenizer.eos_token_id)
-    learned = np.insert(learned, ends, True)
-    lengths = body + 1
-    if max_length is None:
-        return EncodedSamples(ids, learned, lengths, learned_tokens=int(learned.sum()))
-    starts = np.cumsum(lengths) - lengths
-    kept = np.minimum(lengths, max_length)
-    learned_before = np.concatenate(([0], np.cumsum(learned, dtype=np.int64)))
-    learned_kept = learned_before[starts + kept] - learned_before[starts]
-    keep = learned_kept > 0
-    truncated, dropped = int((lengths > max_length).sum()), int((~keep).sum())
-    if truncated or dropped:
-        position = np.arange(len(ids)) - np.repeat(starts, lengths)
-        mask = position < np.repeat(np.where(keep, kept, 0), lengths)
-        ids, learned, lengths = ids[mask], learned[mask], kept[keep]
-    return EncodedSamples(ids, learned, lengths, truncated, dropped, int(learned_kept[keep].sum()))
-
-
-def encoded_to_lists(parts):
-    """[(input_ids, labels)] lists of ``EncodedSamples`` parts, in order; labels are -100 where a token
-    is not learned.  Every id becomes one shared int object of a table (numpy object-array indexing),
-    so no Python int is allocated per token, which is most of the cost of building these lists."""
-    top = max((int(part.ids.max()) for part in parts if len(part.ids)), default=-1)
-    table = _int_table(top)
-    results = []
-    for part in parts:
-        shifted = part.ids.astype(np.int64) + 1
-        ids = table[shifted].tolist()
-        labels = table[np.where(part.learned, shifted, 0)].tolist()
-        begin = 0
-        for end in np.cumsum(part.lengths).tolist():
-            results.append((ids[begin:end], labels[begin:end]))
-            begin = end
-    return results
-
-
-_INT_TABLE = np.array([IGNORE_INDEX], dtype=object)
-
-
-def _int_table(top):
-    """An object array of Python ints: [IGNORE_INDEX, 0, 1, ..., top] (at least), built once and grown."""
-    global _INT_TABLE
-    if len(_INT_TABLE) < top + 2:
-        table = np.empty(top + 2, dtype=object)
-        table[0] = IGNORE_INDEX
-        table[1:] = list(range(top + 1))
-        _INT_TABLE = table
-    return _INT_TABLE
-
-
 @contextmanager
 def paused_gc():
     """Pause the cyclic garbage collector: building millions of small lists triggers full collections
     that each walk every list item in memory (about a tenth of the conversion time); the objects built
-    here hold no reference cycles.  Forked workers inherit the pause, so they never walk (and copy)
-    the parent's objects either."""
+    here hold no reference cycles."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -183,125 +87,89 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-# --workers 0 starts a worker per this many chunks at most: starting a pool (forking a process that has
-# torch and transformers loaded) costs about 0.1-0.2 s, one chunk about 30 ms of work, so a file of a few
-# chunks is converted faster in one process
-AUTO_CHUNKS_PER_WORKER = 4
+def resolve_threads(threads):
+    """The tokenizer threads for --threads N: N itself, or with 0 one per usable core, at most
+    config.CONVERT_THREADS_MAX."""
+    if threads <= 0:
+        threads = min(usable_cores(), config.CONVERT_THREADS_MAX)
+    return max(1, threads)
 
 
-def resolve_workers(workers, chunks=None):
-    """The worker processes for --workers N: N itself, or with 0 one per usable core, at most
-    config.CONVERT_WORKERS_MAX (and, given the number of chunks, one per AUTO_CHUNKS_PER_WORKER);
-    never more than the chunks.  1: none, all in this process."""
-    if workers <= 0:
-        workers = min(usable_cores(), config.CONVERT_WORKERS_MAX)
-        if chunks is not None:
-            workers = min(workers, chunks // AUTO_CHUNKS_PER_WORKER)
-    if chunks is not None:
-        workers = min(workers, chunks)
-    return max(1, workers)
+def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None,
+                     progress=None):
+    """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)]: labels -100
+    on the meta prompt and on every question; answers (end marker included) learned; eos closes every
+    sample and is learned.  The template draws are taken from ``rng`` turn after turn, sample after sample.
 
-
-# What forked workers inherit: (tokenizer, samples), set just before the pool starts.  Spawned workers
-# (where fork is not used) get the tokenizer through the initializer and each chunk's samples with its task.
-_INHERITED = None
-_WORKER = None
-
-
-def _forget_inherited():
-    global _INHERITED
-    _INHERITED = None
-
-
-def _start_worker(tokenizer, threads):
-    global _WORKER
-    # the processes are the parallelism: a Hugging Face tokenizer's own thread pool would oversubscribe
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER = (tokenizer if tokenizer is not None else _INHERITED[0], threads)
-
-
-def _encode_task(task):
-    begin, end, samples, picks, max_length = task
-    tokenizer, threads = _WORKER
-    if samples is None:
-        samples = _INHERITED[1][begin:end]
-    return encode_samples(tokenizer, samples, picks, max_length, threads)
-
-
-def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, workers=1,
-                          batch_size=config.TOKENIZE_BATCH, progress=None, start_method=None):
-    """``tokenize_samples`` then ``truncate_samples`` (with ``max_length`` None: no truncation), in chunks
-    of about ``batch_size`` segments that ``workers`` processes render, tokenize, assemble and truncate
-    (1: all in this process; what finetune.py's datasets use).
-
-    The template draws are made here, in this process, chunk after chunk in the original order, so
-    the result is the same for any number of workers.  ``progress(total)``: a context manager with
-    ``update(n)`` (a tqdm bar), opened after the workers start (so no bar thread exists when they fork).
-    ``start_method``: 'fork' or 'spawn' (default: fork on Linux, spawn elsewhere: macOS and Windows,
-    where forking a process with system frameworks loaded is unsafe and Python's default is spawn).
-    Returns (kept samples [(input_ids, labels)], truncated, dropped, learned tokens kept).
+    The segments of many samples are tokenized together, in chunks of about ``batch_size`` texts, as a
+    pipeline: while one chunk is encoded in a background thread (SentencePiece's C++ batch encode on
+    ``threads`` threads, which releases the GIL; see prompt.tokenize_segment_texts), this thread renders
+    the next chunk and assembles the one before, so the Python work runs beside the tokenizer's instead
+    of after it.  ``progress``: an object with ``update(n)`` (a tqdm bar), told the segments of each
+    chunk assembled.
     """
-    import contextlib
-    import multiprocessing
-    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    global _INHERITED
-    chunks = chunk_bounds(samples, batch_size)
-    workers = resolve_workers(workers, len(chunks))
+    eos = tokenizer.eos_token_id
     picker = prompt.template_picker(template, rng)
+    tokenized = []
 
-    def picks_of(begin, end):   # the template draws of a chunk, made in this process and in order
-        return [[picker(turn) for turn in turns] for turns in samples[begin:end]]
+    def assemble(rendered, token_lists):
+        token_lists = iter(token_lists)
+        for segments in rendered:
+            input_ids, labels = [], []
+            for (_, learned), ids in zip(segments, token_lists):
+                input_ids += ids
+                labels += ids if learned else [IGNORE_INDEX] * len(ids)
+            input_ids.append(eos)
+            labels.append(eos)
+            tokenized.append((input_ids, labels))
 
-    progress = progress or (lambda total: contextlib.nullcontext())
-    with paused_gc(), contextlib.ExitStack() as stack:
-        if workers > 1:
-            # forked workers inherit the tokenizer and the samples (nothing is sent); spawned ones get the
-            # tokenizer once and each chunk's samples with its task
-            start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
-            fork = start_method == "fork"
-            context = multiprocessing.get_context(start_method)
-            threads = max(1, usable_cores() // workers)
-            _INHERITED = (tokenizer, samples) if fork else None   # also for a worker the pool replaces
-            stack.callback(_forget_inherited)
-            pool = stack.enter_context(context.Pool(workers, _start_worker, (None if fork else tokenizer, threads)))
+    with paused_gc(), ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer_thread:
+        in_flight = None    # (a rendered chunk, its segment count, its tokenization running in the thread)
+        for begin, end, count in chunk_bounds(samples, batch_size):
+            rendered = [prompt.render_segments(turns, [picker(turn) for turn in turns])
+                        for turns in samples[begin:end]]
+            texts = [text for segments in rendered for text, _ in segments]
+            encoding = tokenizer_thread.submit(prompt.tokenize_segment_texts, tokenizer, texts, threads)
+            if in_flight is not None:
+                assemble(in_flight[0], in_flight[2].result())
+                if progress is not None:
+                    progress.update(in_flight[1])
+            in_flight = (rendered, count, encoding)
+        if in_flight is not None:
+            assemble(in_flight[0], in_flight[2].result())
+            if progress is not None:
+                progress.update(in_flight[1])
+    return tokenized
 
-            def tasks():  # drawn lazily, by the pool's feeder thread, while earlier chunks are encoded
-                for begin, end, _ in chunks:
-                    yield begin, end, None if fork else samples[begin:end], picks_of(begin, end), max_length
-            encoded = pool.imap(_encode_task, tasks())
-        else:
-            encoded = (encode_samples(tokenizer, samples[begin:end], picks_of(begin, end), max_length)
-                       for begin, end, _ in chunks)
-        bar = stack.enter_context(progress(sum(count for _, _, count in chunks)))
-        kept, truncated, dropped, learned = [], 0, 0, 0
-        for (_, _, count), part in zip(chunks, encoded):
-            kept.extend(encoded_to_lists([part]))
-            truncated, dropped, learned = (truncated + part.truncated, dropped + part.dropped,
-                                           learned + part.learned_tokens)
-            if bar is not None:
-                bar.update(count)
-        if workers > 1:
-            pool.close()
-            pool.join()
-    return kept, truncated, dropped, learned
+
+def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, batch_size=config.TOKENIZE_BATCH,
+                          threads=None, progress=None):
+    """``tokenize_samples`` then ``truncate_samples``: (kept samples [(input_ids, labels)], truncated,
+    dropped, learned tokens kept)."""
+    tokenized = tokenize_samples(tokenizer, samples, template, rng, batch_size, threads, progress)
+    return truncate_samples(tokenized, max_length)
 
 
 def truncate_samples(tokenized, max_length):
     """Cut samples longer than max_length; drop those left with nothing to learn.
 
-    Returns (kept samples, number truncated, number dropped).
+    Returns (kept samples, number truncated, number dropped, learned tokens kept).
     """
-    kept, truncated, dropped = [], 0, 0
-    for input_ids, labels in tokenized:
-        if len(input_ids) > max_length:
-            truncated += 1
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if labels.count(IGNORE_INDEX) == len(labels):
-            dropped += 1
-            continue
-        kept.append((input_ids, labels))
-    return kept, truncated, dropped
+    kept, truncated, dropped, learned_tokens = [], 0, 0, 0
+    with paused_gc():
+        for input_ids, labels in tokenized:
+            if len(input_ids) > max_length:
+                truncated += 1
+                input_ids, labels = input_ids[:max_length], labels[:max_length]
+            learned = len(labels) - labels.count(IGNORE_INDEX)
+            if not learned:
+                dropped += 1
+                continue
+            learned_tokens += learned
+            kept.append((input_ids, labels))
+    return kept, truncated, dropped, learned_tokens
 
 
 def chunk_document(ids, max_length):
@@ -319,14 +187,15 @@ def chunk_document(ids, max_length):
         start += max_length - 1
 
 
-def tokenize_documents(tokenizer, documents, max_length, batch_size=config.TOKENIZE_BATCH, progress=None):
+def tokenize_documents(tokenizer, documents, max_length, batch_size=config.TOKENIZE_BATCH, threads=None,
+                       progress=None):
     """Pre-training samples [(input_ids, labels)] (each document's ids and eos, cut by chunk_document),
     and the number of documents that were cut."""
     eos = tokenizer.eos_token_id
     samples, cut = [], 0
     for start in range(0, len(documents), batch_size):
         batch = documents[start:start + batch_size]
-        for ids in prompt.tokenize_segment_texts(tokenizer, batch):
+        for ids in prompt.tokenize_segment_texts(tokenizer, batch, threads):
             cut += len(ids) + 1 > max_length
             samples.extend(chunk_document(list(ids) + [eos], max_length))
         if progress is not None:

@@ -54,14 +54,6 @@ def template_picker(template, rng):
     return lambda turn: pinned["with_input" if turn.get("input") else "plain"]
 
 
-def draw_templates(conversations, template, rng):
-    """The template picks of every turn of every conversation, drawn in order: the draws that
-    ``conversation_segments`` makes for each conversation, one after the other.  Rendering then takes
-    no draws (``render_segments``), so it can run anywhere, in any order (convert_data's workers)."""
-    pick = template_picker(template, rng)
-    return [[pick(turn) for turn in turns] for turns in conversations]
-
-
 def template_names():
     return sorted(config.TURN_TEMPLATES)
 
@@ -246,8 +238,9 @@ def tokenize_segment_texts(tokenizer, texts, threads=None):
 
     Training (convert_data.py, dataset.py) and inference (chat.py) both come here, so they always
     agree.  LLaMA tokenizers go through SentencePiece itself (``segment_encoder``; ``threads``: its
-    encoding threads, default min(8, cores); convert_data's worker processes pass their share of the
-    cores), others through the Hugging Face tokenizer's batch call.
+    encoding threads, default min(8, cores); convert_data.py passes --threads), others through the
+    Hugging Face tokenizer's batch call.  Both release the GIL while they encode, so another thread's
+    Python work runs meanwhile (dataset.tokenize_samples' pipeline).
     """
     if not texts:
         return []

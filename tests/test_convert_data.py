@@ -221,11 +221,11 @@ def test_template_choice_and_unknown_template(tiny_model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# worker processes (--workers) and the fast paths: the same ids, the same bytes
+# the pipelined tokenization (--threads) and the fast paths: the same ids, the same bytes
 # ----------------------------------------------------------------------------------------------
 def reference_tokenized(tokenizer, samples, template, rng):
-    """The conversion's ids as the code did them before the workers: each sample rendered by
-    conversation_segments (drawing its templates), encoded, closed by a learned eos."""
+    """The conversion's ids done the plain way: each sample rendered by conversation_segments (drawing
+    its templates), encoded by one call, closed by a learned eos."""
     out = []
     for turns in samples:
         input_ids, labels = prompt.encode_segments(tokenizer, prompt.conversation_segments(turns, template, rng))
@@ -233,7 +233,7 @@ def reference_tokenized(tokenizer, samples, template, rng):
     return out
 
 
-def test_workers_give_the_same_file_bytes(tiny_model_dir, tmp_path):
+def test_threads_give_the_same_file_bytes(tiny_model_dir, tmp_path):
     import random
 
     import convert_data
@@ -245,38 +245,61 @@ def test_workers_give_the_same_file_bytes(tiny_model_dir, tmp_path):
     chunks = dataset.chunk_bounds(dataset.group_dialogues(data_io.load_dialogues(str(data_file)),
                                                           config.MAX_DIALOGUES_PER_SAMPLE, random.Random(5)),
                                   config.TOKENIZE_BATCH)
-    assert len(chunks) >= 3 and dataset.resolve_workers(2, len(chunks)) == 2   # so 2 workers really run
-    for workers in ("1", "2"):
+    assert len(chunks) >= 3            # so chunks are tokenized while others are rendered and assembled
+    for threads in ("1", "2"):
         convert_data.main(["--tokenizer", tiny_model_dir, "--max_length", "256", "--data_file", str(data_file),
-                           "--out_data_path", str(tmp_path / workers), "--seed", "5", "--workers", workers])
-    one, two = ((tmp_path / w / "llama_ift_data_ids.pkl").read_bytes() for w in ("1", "2"))
+                           "--out_data_path", str(tmp_path / threads), "--seed", "5", "--threads", threads])
+    one, two = ((tmp_path / t / "llama_ift_data_ids.pkl").read_bytes() for t in ("1", "2"))
     assert one == two
     counts = load_ids(tmp_path / "1")["meta"]["counts"]
     assert counts["samples"] == sum(end - begin for begin, end, _ in chunks)
     assert counts["truncated_samples"] > 0 and counts["rows"] > 1   # truncation and packing both ran
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_worker_chunks_equal_the_in_process_path(tiny_tokenizer, start_method):
-    """Many small chunks over 3 workers (fork, and spawn as on macOS/Windows) give exactly the samples,
-    truncation and drop counts of tokenize_samples + truncate_samples, and the same later rng draws."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pipelined_chunks_equal_the_plain_path(tiny_tokenizer, threads):
+    """Many small chunks, each tokenized while the next is rendered, give exactly the samples, the
+    truncation and drop counts and the learned tokens of the plain per-sample path, and leave the rng
+    where the plain path leaves it."""
     import random
 
-    if start_method not in __import__("multiprocessing").get_all_start_methods():
-        pytest.skip(f"{start_method} is not available here")
     samples = dataset.group_dialogues(data_io.load_dialogues(SAMPLE_PKL), 4, random.Random(1))
-    rng_old, rng_new = random.Random(2), random.Random(2)
-    expected = reference_tokenized(tiny_tokenizer, samples, "random", rng_old)
-    assert dataset.tokenize_samples(tiny_tokenizer, samples, "random", random.Random(2), batch_size=64) == expected
-    kept, truncated, dropped = dataset.truncate_samples(expected, 48)
-    workers = 3 if start_method == "fork" else 2
-    got = dataset.tokenize_and_truncate(tiny_tokenizer, samples, "random", rng_new, 48, workers=workers,
-                                        batch_size=64, start_method=start_method)
-    assert len(dataset.chunk_bounds(samples, 64)) > 3 * workers
+    assert len(dataset.chunk_bounds(samples, 64)) > 10
+    rng_plain, rng_piped = random.Random(2), random.Random(2)
+    expected = reference_tokenized(tiny_tokenizer, samples, "random", rng_plain)
+    kept = [(ids[:48], labels[:48]) for ids, labels in expected
+            if labels[:48].count(dataset.IGNORE_INDEX) < len(labels[:48])]
+    truncated = sum(len(ids) > 48 for ids, _ in expected)
+    dropped = len(expected) - len(kept)
+    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in kept)
     assert dropped > 0 and truncated > dropped     # a meta prompt + question longer than 48 leaves nothing
-    learned = sum(len(l) - l.count(dataset.IGNORE_INDEX) for _, l in kept)
+    got = dataset.tokenize_and_truncate(tiny_tokenizer, samples, "random", rng_piped, 48, batch_size=64,
+                                        threads=threads)
     assert got == (kept, truncated, dropped, learned)
-    assert rng_new.random() == rng_old.random()
+    assert rng_piped.random() == rng_plain.random()
+
+
+def test_a_tokenizer_error_in_the_pipeline_reaches_the_caller(tiny_tokenizer, monkeypatch):
+    """An error raised while a chunk is tokenized in the background thread is raised by
+    tokenize_samples itself, and the thread is gone afterwards."""
+    import random
+    import threading
+
+    samples = dataset.group_dialogues(data_io.load_dialogues(SAMPLE_PKL), 4, random.Random(1))
+    real, calls = prompt.tokenize_segment_texts, []
+
+    def failing_on_the_third_chunk(tokenizer, texts, threads=None):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise RuntimeError("tokenizer broke on chunk 3")
+        return real(tokenizer, texts, threads)
+
+    monkeypatch.setattr(prompt, "tokenize_segment_texts", failing_on_the_third_chunk)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="chunk 3"):
+        dataset.tokenize_samples(tiny_tokenizer, samples, "random", random.Random(2), batch_size=64)
+    assert len(calls) in (3, 4)          # the chunk after the failing one may have been submitted already
+    assert threading.active_count() == before
 
 
 def test_drawn_templates_render_as_conversation_segments():
@@ -285,7 +308,8 @@ def test_drawn_templates_render_as_conversation_segments():
     dialogues = data_io.load_dialogues(SAMPLE_PKL)[:60]
     for template in ("random", "zh", "zh_known"):   # zh_known: only with an input, zh for the others
         rng_a, rng_b = random.Random(7), random.Random(7)
-        picks = prompt.draw_templates(dialogues, template, rng_a)
+        pick = prompt.template_picker(template, rng_a)
+        picks = [[pick(turn) for turn in turns] for turns in dialogues]
         drawn = [prompt.render_segments(turns, p) for turns, p in zip(dialogues, picks)]
         assert drawn == [prompt.conversation_segments(turns, template, rng_b) for turns in dialogues]
         assert rng_a.getstate() == rng_b.getstate()

@@ -113,7 +113,7 @@ def test_dialogue_datasets_tokenize_at_start_up_like_convert_data(tiny_tokenizer
     their rows from a dialogue file with the same tokenization and truncation as convert_data.py."""
     dialogues = data_io.load_dialogues(f"{REPO}/data/test/ift_data.pkl")
     expected = dataset.tokenize_samples(tiny_tokenizer, dialogues, "zh", random.Random(3))
-    kept, truncated, dropped = dataset.truncate_samples(expected, 256)
+    kept, truncated, dropped, _ = dataset.truncate_samples(expected, 256)
     rows = dataset.BertDataset_onlyres(tiny_tokenizer, dialogues, 256, template="zh", seed=3)
     assert (len(rows), rows.truncated, rows.dropped) == (len(kept), truncated, dropped) and truncated > 0
     for index in (0, len(rows) - 1):
@@ -123,8 +123,8 @@ def test_dialogue_datasets_tokenize_at_start_up_like_convert_data(tiny_tokenizer
     packed = dataset.GPT2Dataset_onlyres(tiny_tokenizer, dialogues, 1024, template="zh", seed=3)
     rng = random.Random(3)
     grouped = dataset.group_dialogues(dialogues, config.MAX_DIALOGUES_PER_SAMPLE, rng)
-    kept, truncated, dropped = dataset.truncate_samples(dataset.tokenize_samples(tiny_tokenizer, grouped, "zh", rng),
-                                                        1024)
+    kept, truncated, dropped, _ = dataset.truncate_samples(dataset.tokenize_samples(tiny_tokenizer, grouped, "zh", rng),
+                                                           1024)
     assert (packed.truncated, packed.dropped) == (truncated, dropped) and 0 < len(packed) < len(dialogues)
     assert sum(sum(mask) for mask in packed.attention_mask) == sum(len(ids) for ids, _ in kept)
     assert sum(len(starts) for starts in packed.sample_starts) == len(kept)
