@@ -95,27 +95,25 @@ def resolve_threads(threads):
     return max(1, threads)
 
 
-def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None,
-                     progress=None):
-    """Render each sample (a list of turns) with prompt.py and return [(input_ids, labels)]: labels -100
-    on the meta prompt and on every question; answers (end marker included) learned; eos closes every
-    sample and is learned.  The template draws are taken from ``rng`` turn after turn, sample after sample.
+def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):
+    """Render each sample (a list of turns) with prompt.py and tokenize it: yields, chunk after chunk in
+    order, (the chunk's samples [(input_ids, labels)], its segment count).  Labels are -100 on the meta
+    prompt and on every question; answers (end marker included) are learned; eos closes every sample and
+    is learned.  The template draws are taken from ``rng`` turn after turn, sample after sample.
 
     The segments of many samples are tokenized together, in chunks of about ``batch_size`` texts, as a
     pipeline: while one chunk is encoded in a background thread (SentencePiece's C++ batch encode on
     ``threads`` threads, which releases the GIL; see prompt.tokenize_segment_texts), this thread renders
-    the next chunk and assembles the one before, so the Python work runs beside the tokenizer's instead
-    of after it.  ``progress``: an object with ``update(n)`` (a tqdm bar), told the segments of each
-    chunk assembled.
+    the next chunk, assembles the one before and runs the caller's work on it, so the Python work runs
+    beside the tokenizer's instead of after it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     eos = tokenizer.eos_token_id
     picker = prompt.template_picker(template, rng)
-    tokenized = []
 
-    def assemble(rendered, token_lists):
-        token_lists = iter(token_lists)
+    def assembled(rendered, token_lists):
+        token_lists, tokenized = iter(token_lists), []
         for segments in rendered:
             input_ids, labels = [], []
             for (_, learned), ids in zip(segments, token_lists):
@@ -124,6 +122,7 @@ def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENI
             input_ids.append(eos)
             labels.append(eos)
             tokenized.append((input_ids, labels))
+        return tokenized
 
     with paused_gc(), ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer_thread:
         in_flight = None    # (a rendered chunk, its segment count, its tokenization running in the thread)
@@ -133,23 +132,31 @@ def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENI
             texts = [text for segments in rendered for text, _ in segments]
             encoding = tokenizer_thread.submit(prompt.tokenize_segment_texts, tokenizer, texts, threads)
             if in_flight is not None:
-                assemble(in_flight[0], in_flight[2].result())
-                if progress is not None:
-                    progress.update(in_flight[1])
+                yield assembled(in_flight[0], in_flight[2].result()), in_flight[1]
             in_flight = (rendered, count, encoding)
         if in_flight is not None:
-            assemble(in_flight[0], in_flight[2].result())
-            if progress is not None:
-                progress.update(in_flight[1])
-    return tokenized
+            yield assembled(in_flight[0], in_flight[2].result()), in_flight[1]
+
+
+def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):
+    """All samples of ``tokenized_chunks``: [(input_ids, labels)], in order."""
+    return [sample for chunk, _ in tokenized_chunks(tokenizer, samples, template, rng, batch_size, threads)
+            for sample in chunk]
 
 
 def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, batch_size=config.TOKENIZE_BATCH,
                           threads=None, progress=None):
-    """``tokenize_samples`` then ``truncate_samples``: (kept samples [(input_ids, labels)], truncated,
-    dropped, learned tokens kept)."""
-    tokenized = tokenize_samples(tokenizer, samples, template, rng, batch_size, threads, progress)
-    return truncate_samples(tokenized, max_length)
+    """``tokenize_samples`` then ``truncate_samples``, chunk by chunk (so the truncation too runs while
+    the next chunk is tokenized): (kept samples [(input_ids, labels)], truncated, dropped, learned tokens
+    kept).  ``progress``: an object with ``update(n)`` (a tqdm bar), told the segments of each chunk."""
+    kept, truncated, dropped, learned = [], 0, 0, 0
+    for chunk, segments in tokenized_chunks(tokenizer, samples, template, rng, batch_size, threads):
+        chunk_kept, chunk_truncated, chunk_dropped, chunk_learned = truncate_samples(chunk, max_length)
+        kept += chunk_kept
+        truncated, dropped, learned = truncated + chunk_truncated, dropped + chunk_dropped, learned + chunk_learned
+        if progress is not None:
+            progress.update(segments)
+    return kept, truncated, dropped, learned
 
 
 def truncate_samples(tokenized, max_length):
