@@ -76,12 +76,17 @@ def parse_args(argv=None):
                         help="threads of the tokenizer (SentencePiece's batched encode): 0 = one per usable "
                              f"core, at most {config.CONVERT_THREADS_MAX}; the output is the same for any "
                              "number (default: %(default)s)")
+    # --workers (worker processes) was an earlier release's flag: named, so its users learn what replaced it
+    parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--special_end_token", action="store_true",
                         help=f"add {config.END_MARKER!r} to the tokenizer as one special token first "
                              "(what full fine-tuning trains with)")
     args = parser.parse_args(argv)
     if args.max_length < 16:
         parser.error("--max_length must be at least 16")
+    if args.workers is not None:
+        parser.error("--workers is gone: the conversion runs in one process now, with the tokenizer on "
+                     "--threads N threads (0 = one per usable core); use --threads instead")
     if args.threads < 0:
         parser.error("--threads must be 0 (one per usable core) or more")
     if args.max_dialogues_per_sample < 1:

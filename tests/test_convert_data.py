@@ -256,6 +256,16 @@ def test_threads_give_the_same_file_bytes(tiny_model_dir, tmp_path):
     assert counts["truncated_samples"] > 0 and counts["rows"] > 1   # truncation and packing both ran
 
 
+@pytest.mark.parametrize("flags, named", [(["--threads", "-1"], "--threads must be 0"),
+                                          (["--workers", "2"], "use --threads instead")])
+def test_bad_thread_flags_name_the_fix(flags, named, capsys):
+    import convert_data
+
+    with pytest.raises(SystemExit) as stop:
+        convert_data.parse_args(["--tokenizer", "t", "--out_data_path", "o", *flags])
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pipelined_chunks_equal_the_plain_path(tiny_tokenizer, threads):
     """Many small chunks, each tokenized while the next is rendered, give exactly the samples, the
