@@ -28,7 +28,7 @@ with the tokenizer's fingerprint, max_length, templates and counts.  Same seed, 
 
 Speed: the segments are tokenized in chunks of config.TOKENIZE_BATCH by SentencePiece's batched C++
 encode on --threads threads (default: one per usable core, config.CONVERT_THREADS) in a background
-thread, while this thread renders the next chunk and assembles the one before (dataset.tokenize_samples).
+thread, while this thread renders the next chunk and assembles the one before (dataset.tokenized_chunks).
 The output does not depend on the number of threads.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
