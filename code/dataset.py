@@ -124,6 +124,9 @@ def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENI
             tokenized.append((input_ids, labels))
         return tokenized
 
+    def finished(rendered, count, encoding):   # waits for the chunk's tokenization to end
+        return assembled(rendered, encoding.result()), count
+
     with paused_gc(), ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer_thread:
         in_flight = None    # (a rendered chunk, its segment count, its tokenization running in the thread)
         for begin, end, count in chunk_bounds(samples, batch_size):
@@ -132,10 +135,10 @@ def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENI
             texts = [text for segments in rendered for text, _ in segments]
             encoding = tokenizer_thread.submit(prompt.tokenize_segment_texts, tokenizer, texts, threads)
             if in_flight is not None:
-                yield assembled(in_flight[0], in_flight[2].result()), in_flight[1]
+                yield finished(*in_flight)
             in_flight = (rendered, count, encoding)
         if in_flight is not None:
-            yield assembled(in_flight[0], in_flight[2].result()), in_flight[1]
+            yield finished(*in_flight)
 
 
 def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):
