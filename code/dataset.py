@@ -168,17 +168,16 @@ def truncate_samples(tokenized, max_length):
     Returns (kept samples, number truncated, number dropped, learned tokens kept).
     """
     kept, truncated, dropped, learned_tokens = [], 0, 0, 0
-    with paused_gc():
-        for input_ids, labels in tokenized:
-            if len(input_ids) > max_length:
-                truncated += 1
-                input_ids, labels = input_ids[:max_length], labels[:max_length]
-            learned = len(labels) - labels.count(IGNORE_INDEX)
-            if not learned:
-                dropped += 1
-                continue
-            learned_tokens += learned
-            kept.append((input_ids, labels))
+    for input_ids, labels in tokenized:
+        if len(input_ids) > max_length:
+            truncated += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        learned = len(labels) - labels.count(IGNORE_INDEX)
+        if not learned:
+            dropped += 1
+            continue
+        learned_tokens += learned
+        kept.append((input_ids, labels))
     return kept, truncated, dropped, learned_tokens
 
 
