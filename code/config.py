@@ -95,6 +95,11 @@ ROW_LENGTH_MULTIPLE = 8
 # of the host the project measures on).
 # Any number gives the same bytes.
 CONVERT_THREADS = 0
+# A sample is tokenized only as far as --max_length needs (dataset.SegmentPrefixes: what follows would be
+# truncated away); how far that is, is only known after encoding, so each round encodes as many segments
+# as characters x (tokens per character seen so far) x this margin say are still needed.  The ids never
+# depend on it: a lower margin costs more rounds, a higher one more segments encoded for nothing.
+TRUNCATION_ESTIMATE_MARGIN = 1.0
 CONVERT_THREADS_MAX = 16
 
 # --------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def packing_counts(samples, packed, max_length, learned_tokens=None):
         learned_tokens = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples)
     # training cuts each micro-batch to its longest row (dataset.collate_rows); one row at a time that
     # is each row's own length, and the rows are spread evenly, so pairs of them differ by a few tokens
-    fed = sum(dataset.fed_length(sum(mask), max_length) for mask in packed["attention_mask"])
+    fed = sum(dataset.fed_length(mask.count(1), max_length) for mask in packed["attention_mask"])
     return {"rows": rows, "real_tokens": real, "learned_tokens": learned_tokens,
             "pad_tokens": rows * max_length - real, "fed_positions": fed, "real_token_share": real / fed,
             "real_token_share_of_full_rows": real / (rows * max_length)}

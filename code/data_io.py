@@ -120,23 +120,22 @@ def atomic_directory(final_path):
 # dialogues
 # ----------------------------------------------------------------------------------------------
 def _read_json_records(path):
+    if path.endswith(".jsonl"):
+        # line by line: the whole file as one str, then its lines, would be two copies of the text in
+        # fresh memory; and a JSON Lines file is split at newlines only (str.splitlines would also split
+        # at U+2028 and other separators that may stand unescaped inside a JSON string)
+        records = []
+        with open(path, "r", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.isspace():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg}); fix or remove that line")
+        return records
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
-    if path.endswith(".jsonl"):
-        lines = text.splitlines()
-        try:   # one pass; only a bad line makes the loop below run, to name it
-            return [json.loads(line) for line in lines if line and not line.isspace()]
-        except json.JSONDecodeError:
-            pass
-        records = []
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no} is not valid JSON ({e.msg}); fix or remove that line")
-        return records
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -180,19 +179,24 @@ def validate_dialogues(data, path):
 
 def _clean_turns(dialogue):
     """The fast path of validation: the turns of a well-formed dialogue (plain dicts whose three fields
-    are plain str, instruction and output not blank), copied to the three keys; None where anything
-    is off (or merely unusual, such as a str subclass), for ``_checked_turns`` to judge and name."""
+    are plain str, instruction and output not blank), as dicts of the three keys in TURN_KEYS order (a
+    turn that already is one is kept as it is, a copy made of the others); None where anything is off
+    (or merely unusual, such as a str subclass), for ``_checked_turns`` to judge and name."""
     if type(dialogue) is not list or not dialogue:
         return None
     turns = []
     for turn in dialogue:
         if type(turn) is not dict:
             return None
-        instruction, input_text, output = turn.get("instruction"), turn.get("input"), turn.get("output")
+        canonical = tuple(turn) == TURN_KEYS
+        if canonical:
+            instruction, input_text, output = turn.values()
+        else:
+            instruction, input_text, output = turn.get("instruction"), turn.get("input"), turn.get("output")
         if not (type(instruction) is str and type(input_text) is str and type(output) is str
                 and instruction.strip() and output.strip()):
             return None
-        turns.append({"instruction": instruction, "input": input_text, "output": output})
+        turns.append(turn if canonical else {"instruction": instruction, "input": input_text, "output": output})
     return turns
 
 

@@ -14,6 +14,7 @@ The --dataset_type names map to classes through DATASET_TYPES (never eval).
 import bisect
 import gc
 import heapq
+import math
 import os
 import random
 from contextlib import contextmanager
@@ -95,7 +96,8 @@ def resolve_threads(threads):
     return max(1, threads)
 
 
-def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):
+def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None,
+                     max_length=None):
     """Render each sample (a list of turns) with prompt.py and tokenize it: yields, chunk after chunk in
     order, (the chunk's samples [(input_ids, labels)], its segment count).  Labels are -100 on the meta
     prompt and on every question; answers (end marker included) are learned; eos closes every sample and
@@ -106,17 +108,23 @@ def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENI
     ``threads`` threads, which releases the GIL; see prompt.tokenize_segment_texts), this thread renders
     the next chunk, assembles the one before and runs the caller's work on it, so the Python work runs
     beside the tokenizer's instead of after it.
+
+    With ``max_length``, a sample's segments are tokenized only up to the first that takes it to
+    ``max_length`` tokens (``SegmentPrefixes``): what follows would be cut off by ``truncate_samples``
+    anyway.  Such a sample comes out longer than ``max_length`` (its eos included), so truncating it gives
+    exactly what truncating the whole sample gives.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     eos = tokenizer.eos_token_id
     picker = prompt.template_picker(template, rng)
+    prefixes = SegmentPrefixes(tokenizer, max_length, threads)
 
     def assembled(rendered, token_lists):
-        token_lists, tokenized = iter(token_lists), []
-        for segments in rendered:
+        tokenized = []
+        for segments, sample_lists in zip(rendered, token_lists):
             input_ids, labels = [], []
-            for (_, learned), ids in zip(segments, token_lists):
+            for (_, learned), ids in zip(segments, sample_lists):   # a sample cut short has fewer lists
                 input_ids += ids
                 labels += ids if learned else [IGNORE_INDEX] * len(ids)
             input_ids.append(eos)
@@ -132,13 +140,77 @@ def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENI
         for begin, end, count in chunk_bounds(samples, batch_size):
             rendered = [prompt.render_segments(turns, [picker(turn) for turn in turns])
                         for turns in samples[begin:end]]
-            texts = [text for segments in rendered for text, _ in segments]
-            encoding = tokenizer_thread.submit(prompt.tokenize_segment_texts, tokenizer, texts, threads)
+            encoding = tokenizer_thread.submit(prefixes.tokenize, rendered)
             if in_flight is not None:
                 yield finished(*in_flight)
             in_flight = (rendered, count, encoding)
         if in_flight is not None:
             yield finished(*in_flight)
+
+
+class SegmentPrefixes:
+    """Tokenizes the rendered segments of many samples, each sample only as far as ``max_length`` needs.
+
+    ``tokenize(rendered)`` returns, per sample, the ids of its segments from the first on: all of them
+    without a max_length; with one, those up to and including the first that takes the sample to
+    ``max_length`` tokens (the rest would be truncated away).  Token counts are only known after
+    encoding, so it works in rounds: each round sends every open sample's next segments, as many as an
+    estimate of their tokens (characters x the tokens per character seen so far, x
+    config.TRUNCATION_ESTIMATE_MARGIN) says are still needed, to one batched encode, then counts.  The
+    estimate only decides how much is encoded per round, never the ids: a low one costs another round, a
+    high one some segments encoded for nothing.  Chunks go through one instance in order, so the
+    estimate carries over from chunk to chunk.
+    """
+
+    def __init__(self, tokenizer, max_length=None, threads=None):
+        self.tokenizer, self.threads = tokenizer, threads
+        self.limit = math.inf if max_length is None else max_length
+        # one int object per vocabulary id, shared by every token list: the tokenizer makes a new int object
+        # for each token (32 bytes of fresh memory each, millions of them), and every later copy of a list
+        # (assembling, truncating, packing) touches each one; shared ones stay in the CPU cache
+        self.interned = list(range(len(tokenizer)))
+        self.tokens, self.characters = 0, 0      # of all segments encoded so far: the estimate's base
+        self.rounds = self.encoded = 0           # counts, for the benchmark and the tests
+
+    def tokenize(self, rendered):
+        per_sample = [[] for _ in rendered]
+        length = [0] * len(rendered)
+        characters = [0] * len(rendered)
+        open_samples = range(len(rendered))
+        while open_samples:
+            # the first round of a conversion has no estimate: it encodes its samples whole
+            per_character = (self.tokens / self.characters * config.TRUNCATION_ESTIMATE_MARGIN
+                             if self.characters else 0.0)
+            texts, owners = [], []
+            for s in open_samples:
+                segments, guess = rendered[s], length[s]
+                ratio = guess / characters[s] * config.TRUNCATION_ESTIMATE_MARGIN if characters[s] else per_character
+                for k in range(len(per_sample[s]), len(segments)):
+                    text = segments[k][0]
+                    texts.append(text)
+                    owners.append(s)
+                    characters[s] += len(text)
+                    guess += len(text) * ratio
+                    if guess >= self.limit:
+                        break
+            token_lists = self.intern(prompt.tokenize_segment_texts(self.tokenizer, texts, self.threads))
+            for s, ids in zip(owners, token_lists):
+                if length[s] < self.limit:     # (a segment after the limit was encoded on a low estimate)
+                    per_sample[s].append(ids)
+                    length[s] += len(ids)
+            self.tokens += sum(map(len, token_lists))
+            self.characters += sum(map(len, texts))
+            self.rounds, self.encoded = self.rounds + 1, self.encoded + len(texts)
+            open_samples = [s for s in open_samples
+                            if length[s] < self.limit and len(per_sample[s]) < len(rendered[s])]
+        return per_sample
+
+    def intern(self, token_lists):
+        try:
+            return [list(map(self.interned.__getitem__, ids)) for ids in token_lists]
+        except IndexError:       # an id past len(tokenizer) (a vocabulary with gaps): widen the table
+            self.interned = list(range(1 + max(max(ids) for ids in token_lists if ids)))
+            return self.intern(token_lists)
 
 
 def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):
@@ -153,7 +225,7 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, batch_s
     the next chunk is tokenized): (kept samples [(input_ids, labels)], truncated, dropped, learned tokens
     kept).  ``progress``: an object with ``update(n)`` (a tqdm bar), told the segments of each chunk."""
     kept, truncated, dropped, learned = [], 0, 0, 0
-    for chunk, segments in tokenized_chunks(tokenizer, samples, template, rng, batch_size, threads):
+    for chunk, segments in tokenized_chunks(tokenizer, samples, template, rng, batch_size, threads, max_length):
         chunk_kept, chunk_truncated, chunk_dropped, chunk_learned = truncate_samples(chunk, max_length)
         kept += chunk_kept
         truncated, dropped, learned = truncated + chunk_truncated, dropped + chunk_dropped, learned + chunk_learned
@@ -165,13 +237,15 @@ def tokenize_and_truncate(tokenizer, samples, template, rng, max_length, batch_s
 def truncate_samples(tokenized, max_length):
     """Cut samples longer than max_length; drop those left with nothing to learn.
 
+    The lists of a long sample are cut in place (no copy of them is made: fresh memory costs a page
+    fault every 4 KiB, a large share of the conversion's time), so pass lists nothing else holds.
     Returns (kept samples, number truncated, number dropped, learned tokens kept).
     """
     kept, truncated, dropped, learned_tokens = [], 0, 0, 0
     for input_ids, labels in tokenized:
         if len(input_ids) > max_length:
             truncated += 1
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            del input_ids[max_length:], labels[max_length:]
         learned = len(labels) - labels.count(IGNORE_INDEX)
         if not learned:
             dropped += 1
@@ -294,17 +368,22 @@ def pack_samples(samples, max_length, pad_token_id):
     rows = _best_fit_rows(lengths, max_length)
     rows = _balanced_rows(lengths, len(rows), max_length) or rows
     packed = {"input_ids": [], "labels": [], "attention_mask": [], "sample_starts": []}
+    # each row list is built once and padded in place (a concatenation would copy every row once more)
+    padding, ignored, unmasked = [pad_token_id] * max_length, [IGNORE_INDEX] * max_length, [0] * max_length
     for members in rows:
         input_ids, labels, starts = [], [], []
         for i in members:
             starts.append(len(input_ids))
-            input_ids.extend(samples[i][0])
-            labels.extend(samples[i][1])
+            input_ids += samples[i][0]
+            labels += samples[i][1]
         real = len(input_ids)
-        pad = max_length - real
-        packed["input_ids"].append(input_ids + [pad_token_id] * pad)
-        packed["labels"].append(labels + [IGNORE_INDEX] * pad)
-        packed["attention_mask"].append([1] * real + [0] * pad)
+        input_ids += padding[real:]
+        labels += ignored[real:]
+        attention_mask = [1] * real
+        attention_mask += unmasked[real:]
+        packed["input_ids"].append(input_ids)
+        packed["labels"].append(labels)
+        packed["attention_mask"].append(attention_mask)
         packed["sample_starts"].append(starts)
     return packed
 

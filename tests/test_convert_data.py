@@ -148,6 +148,16 @@ def test_json_jsonl_and_alpaca_records(tiny_model_dir, tmp_path):
         assert load_ids(out)["meta"]["counts"]["turns"] == n_turns
 
 
+def test_jsonl_lines_split_at_newlines_only(tmp_path):
+    """A JSON Lines record whose text holds U+2028 or U+0085 unescaped (json.dumps with ensure_ascii=False
+    writes them so) is one line: only newlines separate records."""
+    turns = [{"instruction": "分段\u2028第二段", "input": "a\x85b", "output": "line\u2029sep"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(turns, ensure_ascii=False) + "\n\n" + json.dumps(turns, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert data_io.load_dialogues(str(path)) == [turns, turns]
+
+
 class Payload:
     """A pickle that, if loaded with plain pickle, would create a file."""
 
@@ -287,6 +297,52 @@ def test_pipelined_chunks_equal_the_plain_path(tiny_tokenizer, threads):
                                         threads=threads)
     assert got == (kept, truncated, dropped, learned)
     assert rng_piped.random() == rng_plain.random()
+
+
+def test_segments_past_max_length_are_not_tokenized(tiny_tokenizer, monkeypatch):
+    """Only the segments a truncated sample keeps a token of come back, whatever the estimate's margin:
+    it moves work between rounds (a low margin encodes more in fewer rounds), never the ids."""
+    import random
+
+    samples = dataset.group_dialogues(data_io.load_dialogues(SAMPLE_PKL), 6, random.Random(1))
+    rng = random.Random(2)
+    picker = prompt.template_picker("random", rng)
+    rendered = [prompt.render_segments(turns, [picker(turn) for turn in turns]) for turns in samples]
+    whole = dataset.SegmentPrefixes(tiny_tokenizer).tokenize(rendered)
+    needed = []
+    for all_lists in whole:
+        starts = [sum(map(len, all_lists[:k])) for k in range(len(all_lists))]
+        needed.append(all_lists[:sum(start < 64 for start in starts)])
+    total = sum(map(len, rendered))
+    assert sum(map(len, needed)) < total / 2            # most of these long samples lie past 64 tokens
+    work = []
+    for margin in (0.3, 1.0, 4.0):
+        monkeypatch.setattr(config, "TRUNCATION_ESTIMATE_MARGIN", margin)
+        prefixes = dataset.SegmentPrefixes(tiny_tokenizer, max_length=64)
+        cut = prefixes.tokenize(rendered[:40]) + prefixes.tokenize(rendered[40:])   # the estimate carries over
+        assert cut == needed
+        assert sum(map(len, needed)) <= prefixes.encoded < total
+        work.append((prefixes.encoded, prefixes.rounds))
+    (low_encoded, low_rounds), _, (high_encoded, high_rounds) = work
+    assert low_encoded > high_encoded and low_rounds < high_rounds
+
+
+def test_token_lists_share_one_int_object_per_id(tiny_tokenizer):
+    prefixes = dataset.SegmentPrefixes(tiny_tokenizer)
+    lists = prefixes.tokenize([[("你好，世界", False), ("Hello world<end>", True)]])[0]
+    table = {id(value): value for value in prefixes.interned}
+    assert all(table.get(id(value)) == value for ids in lists for value in ids)
+    assert prefixes.intern([[3, len(tiny_tokenizer) + 5]]) == [[3, len(tiny_tokenizer) + 5]]  # widens its table
+
+
+def test_truncation_cuts_the_lists_in_place():
+    long = (list(range(10)), [-100, -100] + list(range(2, 10)))
+    short = ([1, 2], [-100, 2])
+    nothing_left = ([5] * 8, [-100] * 3 + [5] * 5)
+    kept, truncated, dropped, learned = dataset.truncate_samples([long, short, nothing_left], 3)
+    assert (truncated, dropped, learned) == (2, 1, 1 + 1)
+    assert kept == [([0, 1, 2], [-100, -100, 2]), short]
+    assert kept[0][0] is long[0] and kept[0][1] is long[1]     # the same lists, cut; no copies
 
 
 def test_a_tokenizer_error_in_the_pipeline_reaches_the_caller(tiny_tokenizer, monkeypatch):
