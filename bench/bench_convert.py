@@ -36,12 +36,18 @@ are counted (with how many start with a space) and the script exits 1.  It print
 package versions and command.  Timings on a shared machine are noisy; the methods run in the same
 process one after the other, on the same input; with --repeats N each method's best time of its N
 runs is the figure (all times are in the JSON), the usual estimate where other work only ever adds time.
+The first round's outputs are checked, then every round's outputs are dropped before the next run (later
+rounds must give the same rows: a digest is compared), so each timed run starts from the same heap.
+The project tokenizes only the segments that hold a token within --max_length (the report counts them);
+--max_dialogues_per_sample 1 gives a workload with few samples truncated.
 """
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
+import pickle
 import platform
 import random
 import subprocess
@@ -178,13 +184,14 @@ def load_sentencepiece(directory):
 def convert_per_piece(args, load):
     """convert_data.convert's steps, with one ``encode(piece)`` call per segment instead of batches.
 
-    Returns (packed rows, segment texts, segment ids)."""
+    Returns (packed rows, segment texts, segment ids, segments of each sample)."""
     dialogues = data_io.load_dialogues(args.data_file)
     encode, eos_id, pad_id = load()
     rng = random.Random(args.seed)
     samples = dataset.group_dialogues(dialogues, args.max_dialogues_per_sample, rng)
-    tokenized, texts, segment_ids = [], [], []
+    tokenized, texts, segment_ids, sample_segments = [], [], [], []
     for turns in samples:
+        sample_segments.append(dataset.segment_count(turns))
         input_ids, labels = [], []
         # the rng is only drawn by conversation_segments, so sample by sample gives the same draws as
         # the project, which draws every turn's template in order before rendering
@@ -199,7 +206,7 @@ def convert_per_piece(args, load):
         tokenized.append((input_ids, labels))
     kept = dataset.truncate_samples(tokenized, args.max_length)[0]
     packed = dataset.pack_samples(kept, args.max_length, pad_id)
-    return packed, texts, segment_ids
+    return packed, texts, segment_ids, sample_segments
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,9 +250,39 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
+PACKED_FIELDS = ("input_ids", "labels", "attention_mask", "sample_starts")
+
+
 def compare(project, other):
     """Names of the packed fields that differ."""
-    return [key for key in ("input_ids", "labels", "attention_mask", "sample_starts") if project[key] != other[key]]
+    return [key for key in PACKED_FIELDS if project[key] != other[key]]
+
+
+def packed_digest(packed):
+    return hashlib.sha256(pickle.dumps([packed[key] for key in PACKED_FIELDS], protocol=4)).hexdigest()
+
+
+def check_first_round(project, slow_run, bare_run, tokenizer_dir, max_length):
+    """(differing segments, differing packed fields, segment texts, the fast tokenizer's ids of each
+    segment, segments holding a token within max_length: those the project has to tokenize)."""
+    slow, texts, slow_ids, sample_segments = slow_run
+    bare, _, bare_ids, _ = bare_run
+    fast = convert_data.load_tokenizer(tokenizer_dir, False)
+    fast_ids = []
+    for start in range(0, len(texts), config.TOKENIZE_BATCH):
+        fast_ids.extend(prompt.tokenize_segment_texts(fast, texts[start:start + config.TOKENIZE_BATCH]))
+    differing = [i for i in range(len(texts)) if not (fast_ids[i] == slow_ids[i] == bare_ids[i])]
+    fields = {"seed_slow": compare(project, slow), "sentencepiece": compare(project, bare)}
+    needed, first = 0, 0
+    for count in sample_segments:
+        start = 0
+        for ids in fast_ids[first:first + count]:
+            if start >= max_length:
+                break
+            needed += 1
+            start += len(ids)
+        first += count
+    return differing, fields, texts, fast_ids, needed
 
 
 def parse_args(argv=None):
@@ -258,6 +295,9 @@ def parse_args(argv=None):
                              "from data/test/ift_data.pkl)")
     parser.add_argument("--max_length", type=int, default=config.MAX_LENGTH,
                         help="tokens per packed row, as convert_data.py --max_length (default: %(default)s)")
+    parser.add_argument("--max_dialogues_per_sample", type=int, default=config.MAX_DIALOGUES_PER_SAMPLE,
+                        help="dialogues joined into one sample, as convert_data.py --max_dialogues_per_sample; 1 "
+                             "leaves few samples longer than --max_length (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic dialogues and of the conversion's shuffle, joining and "
                              "template draws (default: %(default)s)")
@@ -276,6 +316,8 @@ def parse_args(argv=None):
         parser.error("--max_length must be at least 16")
     if args.threads < 0:
         parser.error("--threads must be 0 (one per usable core) or more")
+    if args.max_dialogues_per_sample < 1:
+        parser.error("--max_dialogues_per_sample must be 1 or more")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -310,7 +352,8 @@ def run(args, workdir):
 
     convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
                                             "--data_file", data_file, "--out_data_path", workdir,
-                                            "--seed", str(args.seed), "--threads", str(args.threads)])
+                                            "--seed", str(args.seed), "--threads", str(args.threads),
+                                            "--max_dialogues_per_sample", str(args.max_dialogues_per_sample)])
     threads = dataset.resolve_threads(args.threads)
 
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
@@ -321,27 +364,26 @@ def run(args, workdir):
         project_run, seconds = timed(convert_data.convert, convert_args, show_progress=False)
         project_times.append(seconds)
         print(f"{tag}2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
-        (slow, texts, slow_ids), seconds = timed(convert_per_piece, convert_args,
-                                                 lambda: load_slow_tokenizer(tokenizer_dir))
+        slow_run, seconds = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
         slow_times.append(seconds)
         print(f"{tag}3/3 reference: bare sentencepiece, one call per piece ...", flush=True)
-        (bare, _, bare_ids), seconds = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
+        bare_run, seconds = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
         bare_times.append(seconds)
+        digests = [packed_digest(project_run), packed_digest(slow_run[0]), packed_digest(bare_run[0])]
         if round_index == 0:
-            project = project_run
-        elif project_run != project:       # the same input gives the same output every round
+            # checks (untimed), on the first round's outputs: whole packed rows, then segment by segment
+            # against the fast tokenizer; later rounds only have to give the same rows again
+            first_digests = digests
+            counts = dict(project_run["meta"]["counts"], tokenizer_vocab_size=project_run["meta"]["tokenizer"]["vocab_size"])
+            checks = check_first_round(project_run, slow_run, bare_run, tokenizer_dir, args.max_length)
+        elif digests != first_digests:     # the same input gives the same output every round
             unstable.append(round_index + 1)
-
-    # checks (untimed): whole packed rows, then segment by segment against the fast tokenizer
-    fast = convert_data.load_tokenizer(tokenizer_dir, False)
-    fast_ids = []
-    for start in range(0, len(texts), config.TOKENIZE_BATCH):
-        fast_ids.extend(prompt.tokenize_segment_texts(fast, texts[start:start + config.TOKENIZE_BATCH]))
-    differing = [i for i in range(len(texts)) if not (fast_ids[i] == slow_ids[i] == bare_ids[i])]
-    fields = {"seed_slow": compare(project, slow), "sentencepiece": compare(project, bare)}
+        # nothing of a round outlives it: every timed run starts from the same heap (a run beside another
+        # method's millions of live objects is slower, and unequally so)
+        del project_run, slow_run, bare_run
+    differing, fields, texts, fast_ids, needed_segments = checks
     identical = not differing and not any(fields.values()) and not unstable
 
-    counts = project["meta"]["counts"]
     tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
     methods = [
         ("this project", f"convert_data.convert: SentencePiece batches on {threads} thread(s) beside the Python "
@@ -366,7 +408,7 @@ def run(args, workdir):
         "versions": versions(),
         "command": "python " + " ".join(["bench/bench_convert.py"] + sys.argv[1:]),
         "tokenizer": tokenizer_name,
-        "tokenizer_vocab_size": len(fast),
+        "tokenizer_vocab_size": counts["tokenizer_vocab_size"],
         "dialogues": len(dialogues),
         "turns": turns,
         "samples": counts["samples"],
@@ -374,7 +416,11 @@ def run(args, workdir):
         "tokens": tokens,
         "rows": counts["rows"],
         "truncated_samples": counts["truncated_samples"],
+        # segments with a token before max_length: all the project tokenizes of them (plus what a round's
+        # estimate overshoots); the seed's method and the reference tokenize every segment
+        "segments_within_max_length": needed_segments,
         "max_length": args.max_length,
+        "max_dialogues_per_sample": args.max_dialogues_per_sample,
         "seed": args.seed,
         "threads": threads,            # this project's tokenizer threads; the seed's method and the reference: one
         "repeats": args.repeats,       # rounds; "seconds" is each method's best of them
@@ -396,8 +442,9 @@ def print_report(report):
     print()
     print(f"{report['dialogues']} dialogues, {report['turns']} turns -> {report['samples']} samples, "
           f"{report['segments']} segments, {report['tokens']} tokens -> {report['rows']} rows of "
-          f"{report['max_length']} ({report['truncated_samples']} samples truncated); tokenizer: {report['tokenizer']} "
-          f"(vocabulary {report['tokenizer_vocab_size']})")
+          f"{report['max_length']} ({report['truncated_samples']} samples truncated: "
+          f"{report['segments_within_max_length']} segments hold a token within max_length, the others are cut "
+          f"off); tokenizer: {report['tokenizer']} (vocabulary {report['tokenizer_vocab_size']})")
     machine = report["machine"]
     load = machine["load_average"]
     print(f"machine: {machine['usable_cores']} usable cores of {machine['cpus']} ({machine['cpu']})"

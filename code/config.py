@@ -89,10 +89,10 @@ TOKENIZE_BATCH = 1024          # segments per fast-tokenizer call
 ROW_LENGTH_MULTIPLE = 8
 # convert_data.py --threads: threads of SentencePiece's batched C++ encode, which runs in a background
 # thread (outside the GIL) while the main thread renders the next chunk and assembles the one before.
-# 0 = one per usable core, at most CONVERT_THREADS_MAX: tokenizing is about half of the conversion's CPU
-# time on the 2-core VM (2.0-3.1 of 4.6-5.5 CPU-seconds, BENCHMARKS.md), the rest (reading, rendering,
-# assembling, packing) is one Python thread, so beyond a few cores more threads only wait (16: the cores
-# of the host the project measures on).
+# 0 = one per usable core, at most CONVERT_THREADS_MAX: SentencePiece's C++ work is under half of the
+# conversion's CPU time on the 2-core VM (about 0.6-0.8 of 1.5-1.8 CPU-seconds, BENCHMARKS.md), the rest
+# (reading, rendering, assembling, packing, and turning the tokenizer's ids into Python ints) holds the
+# GIL, so beyond a few cores more threads only wait (16: the cores of the host the project measures on).
 # Any number gives the same bytes.
 CONVERT_THREADS = 0
 # A sample is tokenized only as far as --max_length needs (dataset.SegmentPrefixes: what follows would be

@@ -38,6 +38,7 @@ def test_bench_runs_and_ids_are_identical(tiny_model_dir, tmp_path):
     assert report["segments_differing"] == 0
     assert report["packed_fields_differing"] == {"seed_slow": [], "sentencepiece": []}
     assert report["dialogues"] == 300 and report["max_length"] == 512
+    assert report["truncated_samples"] > 0 and 0 < report["segments_within_max_length"] < report["segments"]
     assert [row["method"] for row in report["results"]] == ["this project", "seed", "reference"]
     assert all(row["seconds"] > 0 and row["tokens_per_s"] > 0 for row in report["results"])
     assert report["command"].startswith("python bench/bench_convert.py --dialogues 300")
