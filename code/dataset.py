@@ -155,8 +155,9 @@ class SegmentPrefixes:
     without a max_length; with one, those up to and including the first that takes the sample to
     ``max_length`` tokens (the rest would be truncated away).  Token counts are only known after
     encoding, so it works in rounds: each round sends every open sample's next segments, as many as an
-    estimate of their tokens (characters x the tokens per character seen so far, x
-    config.TRUNCATION_ESTIMATE_MARGIN) says are still needed, to one batched encode, then counts.  The
+    estimate of their tokens (characters x the sample's own tokens per character so far, or before its
+    first round the conversion's, x config.TRUNCATION_ESTIMATE_MARGIN) says are still needed, to one
+    batched encode, then counts.  The
     estimate only decides how much is encoded per round, never the ids: a low one costs another round, a
     high one some segments encoded for nothing.  Chunks go through one instance in order, so the
     estimate carries over from chunk to chunk.
