@@ -29,7 +29,7 @@ CANNED_ANSWERS = [t["output"] for t in CANNED_DIALOGUE[:2]]
 TEST_DEMO = {
     "repeat_canned": 1,
     "finetune": {"max_epoches": 40, "lr": 5e-3, "warmup_steps": 5, "micro_batch_size": 1, "grad_accum": 1,
-                 "seed": 0},
+                 "seed": 0, "lr_schedule": "linear"},
 }
 
 

@@ -317,7 +317,9 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, 
     assert chunk_count == whole_count
     assert abs(chunk_loss - whole_loss) <= 1e-5 * abs(whole_loss)
     for name, grad in whole_grads.items():
-        assert torch.allclose(chunk_grads[name], grad, atol=1e-6, rtol=1e-4), name
+        # fp32 sums in another order: off by rounding, relative to the tensor's own scale (the gradients
+        # reach ~200 here, and an element-wise atol of 1e-6 failed on AMD EPYC by 1.5e-4)
+        assert float((chunk_grads[name] - grad).abs().max()) <= 1e-5 * float(grad.abs().max()), name
 
 
 def test_qlora_nf4_base_trains_the_adapter(tiny_model_dir, lora_data, tmp_path):
