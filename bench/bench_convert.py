@@ -263,8 +263,10 @@ def packed_digest(packed):
 
 
 def check_first_round(project, slow_run, bare_run, tokenizer_dir, max_length):
-    """(differing segments, differing packed fields, segment texts, the fast tokenizer's ids of each
-    segment, segments holding a token within max_length: those the project has to tokenize)."""
+    """The checks of the first round's outputs, as plain counts (so that no segment list outlives the
+    round): segments, tokens (every segment's ids), segments whose ids differ and how many of them start
+    with a space, the packed fields that differ, and the segments holding a token within max_length
+    (those the project has to tokenize)."""
     slow, texts, slow_ids, sample_segments = slow_run
     bare, _, bare_ids, _ = bare_run
     fast = convert_data.load_tokenizer(tokenizer_dir, False)
@@ -282,7 +284,9 @@ def check_first_round(project, slow_run, bare_run, tokenizer_dir, max_length):
             needed += 1
             start += len(ids)
         first += count
-    return differing, fields, texts, fast_ids, needed
+    return {"segments": len(texts), "tokens": sum(map(len, fast_ids)), "differing": len(differing),
+            "differing_with_leading_space": sum(texts[i][:1] == " " for i in differing), "fields": fields,
+            "within_max_length": needed}
 
 
 def parse_args(argv=None):
@@ -381,10 +385,9 @@ def run(args, workdir):
         # nothing of a round outlives it: every timed run starts from the same heap (a run beside another
         # method's millions of live objects is slower, and unequally so)
         del project_run, slow_run, bare_run
-    differing, fields, texts, fast_ids, needed_segments = checks
-    identical = not differing and not any(fields.values()) and not unstable
+    identical = not checks["differing"] and not any(checks["fields"].values()) and not unstable
 
-    tokens = sum(len(ids) for ids in fast_ids) + counts["samples"]  # every segment's ids + one eos per sample
+    tokens = checks["tokens"] + counts["samples"]  # every segment's ids + one eos per sample
     methods = [
         ("this project", f"convert_data.convert: SentencePiece batches on {threads} thread(s) beside the Python "
                          f"work, chunks of {config.TOKENIZE_BATCH} segments, {dataset.usable_cores()} cores",
@@ -412,13 +415,13 @@ def run(args, workdir):
         "dialogues": len(dialogues),
         "turns": turns,
         "samples": counts["samples"],
-        "segments": len(texts),
+        "segments": checks["segments"],
         "tokens": tokens,
         "rows": counts["rows"],
         "truncated_samples": counts["truncated_samples"],
         # segments with a token before max_length: all the project tokenizes of them (plus what a round's
         # estimate overshoots); the seed's method and the reference tokenize every segment
-        "segments_within_max_length": needed_segments,
+        "segments_within_max_length": checks["within_max_length"],
         "max_length": args.max_length,
         "max_dialogues_per_sample": args.max_dialogues_per_sample,
         "seed": args.seed,
@@ -430,9 +433,9 @@ def run(args, workdir):
         "target_speedup": TARGET_SPEEDUP,
         "target_met": speedup >= TARGET_SPEEDUP,
         "ids_identical": identical,
-        "segments_differing": len(differing),
-        "segments_differing_with_leading_space": sum(texts[i][:1] == " " for i in differing),
-        "packed_fields_differing": fields,
+        "segments_differing": checks["differing"],
+        "segments_differing_with_leading_space": checks["differing_with_leading_space"],
+        "packed_fields_differing": checks["fields"],
         "rounds_differing_from_the_first": unstable,
     }
     return report
