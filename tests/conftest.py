@@ -9,17 +9,14 @@ import sys
 import textwrap
 import time
 
+import config
+import data_io
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
 SAMPLE_PKL = os.path.join(REPO, "data", "test", "ift_data.pkl")
 COMPAT_PKL = os.path.join(os.path.dirname(REPO), "shared", "compat", "cutegpt_original_ift_data.pkl")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
-
-import config  # noqa: E402
-import data_io  # noqa: E402
 
 SAMPLE = data_io.load_dialogues(SAMPLE_PKL)
 CANNED_DIALOGUE = next(d for d in SAMPLE if [t["instruction"] for t in d[:2]] == config.CANNED_QUERIES)
