@@ -15,7 +15,7 @@
 DATA_DIR/dev/{subject}_dev.csv (the five solved examples of the few-shot setting) and
 DATA_DIR/{val,test}/{subject}_{split}.csv, columns id, question, A, B, C, D, answer (none in test).
 Every subject found in DATA_DIR/SPLIT is evaluated; its Chinese name and category come from
-config.CEVAL_SUBJECTS (the 52 C-Eval subjects).
+CEVAL_SUBJECTS below (the 52 C-Eval subjects).
 
 A prompt is the subject header, the solved dev examples (five-shot) and the question, ending at the
 answer prompt '答案：' (templates in config.CEVAL, rendered by prompt.py).  The prediction is the
@@ -33,17 +33,83 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import torch
+from tqdm import tqdm
 
-import config  # noqa: E402
-import data_io  # noqa: E402
-import model_loader  # noqa: E402
-import prompt  # noqa: E402
-from data_io import DataError  # noqa: E402
+import chat
+import config
+import data_io
+import dataset
+import model_loader
+import prompt
+from data_io import DataError
 
 COLUMNS = ("id", "question", "A", "B", "C", "D")
+
+# The benchmark's reference data (not settings): the four C-Eval categories, in the order of CuteGPT's tables.
+CEVAL_CATEGORIES = ["STEM", "Social Science", "Humanities", "Other"]
+
+# The 52 C-Eval subjects: name -> (Chinese name used in the prompt, category).  A category average is
+# the plain mean of the accuracies of its subjects; the overall average the plain mean over all
+# evaluated subjects (every subject weighs the same, however many questions it has).
+CEVAL_SUBJECTS = {
+    # STEM (20)
+    "computer_network": ("计算机网络", "STEM"),
+    "operating_system": ("操作系统", "STEM"),
+    "computer_architecture": ("计算机组成", "STEM"),
+    "college_programming": ("大学编程", "STEM"),
+    "college_physics": ("大学物理", "STEM"),
+    "college_chemistry": ("大学化学", "STEM"),
+    "advanced_mathematics": ("高等数学", "STEM"),
+    "probability_and_statistics": ("概率统计", "STEM"),
+    "discrete_mathematics": ("离散数学", "STEM"),
+    "electrical_engineer": ("注册电气工程师", "STEM"),
+    "metrology_engineer": ("注册计量师", "STEM"),
+    "high_school_mathematics": ("高中数学", "STEM"),
+    "high_school_physics": ("高中物理", "STEM"),
+    "high_school_chemistry": ("高中化学", "STEM"),
+    "high_school_biology": ("高中生物", "STEM"),
+    "middle_school_mathematics": ("初中数学", "STEM"),
+    "middle_school_biology": ("初中生物", "STEM"),
+    "middle_school_physics": ("初中物理", "STEM"),
+    "middle_school_chemistry": ("初中化学", "STEM"),
+    "veterinary_medicine": ("兽医学", "STEM"),
+    # Social Science (10)
+    "college_economics": ("大学经济学", "Social Science"),
+    "business_administration": ("工商管理", "Social Science"),
+    "marxism": ("马克思主义基本原理", "Social Science"),
+    "mao_zedong_thought": ("毛泽东思想和中国特色社会主义理论体系概论", "Social Science"),
+    "education_science": ("教育学", "Social Science"),
+    "teacher_qualification": ("教师资格", "Social Science"),
+    "high_school_politics": ("高中政治", "Social Science"),
+    "high_school_geography": ("高中地理", "Social Science"),
+    "middle_school_politics": ("初中政治", "Social Science"),
+    "middle_school_geography": ("初中地理", "Social Science"),
+    # Humanities (11)
+    "modern_chinese_history": ("近代史纲要", "Humanities"),
+    "ideological_and_moral_cultivation": ("思想道德修养与法律基础", "Humanities"),
+    "logic": ("逻辑学", "Humanities"),
+    "law": ("法学", "Humanities"),
+    "chinese_language_and_literature": ("中国语言文学", "Humanities"),
+    "art_studies": ("艺术学", "Humanities"),
+    "professional_tour_guide": ("导游资格", "Humanities"),
+    "legal_professional": ("法律职业资格", "Humanities"),
+    "high_school_chinese": ("高中语文", "Humanities"),
+    "high_school_history": ("高中历史", "Humanities"),
+    "middle_school_history": ("初中历史", "Humanities"),
+    # Other (11)
+    "civil_servant": ("公务员", "Other"),
+    "sports_science": ("体育学", "Other"),
+    "plant_protection": ("植物保护", "Other"),
+    "basic_medicine": ("基础医学", "Other"),
+    "clinical_medicine": ("临床医学", "Other"),
+    "urban_and_rural_planner": ("注册城乡规划师", "Other"),
+    "accountant": ("注册会计师", "Other"),
+    "fire_engineer": ("注册消防工程师", "Other"),
+    "environmental_impact_assessment_engineer": ("环境影响评价工程师", "Other"),
+    "tax_accountant": ("税务师", "Other"),
+    "physician": ("医师资格", "Other"),
+}
 
 
 def parse_args(argv=None):
@@ -114,10 +180,10 @@ def load_subjects(data_dir, split, subjects, max_shots):
     if not found:
         raise DataError(f"--data_dir {data_dir}: no {split}/{{subject}}{suffix} files; give the C-Eval directory "
                         f"that holds dev/, val/ and test/")
-    unknown = [name for name in found if name not in config.CEVAL_SUBJECTS]
+    unknown = [name for name in found if name not in CEVAL_SUBJECTS]
     if unknown:
         raise DataError(f"{os.path.join(split_dir, unknown[0] + suffix)}: {unknown[0]!r} is not a C-Eval subject "
-                        f"(config.CEVAL_SUBJECTS names the 52); rename the file or add the subject there")
+                        f"(CEVAL_SUBJECTS in evaluate_ceval.py names the 52); rename the file or add the subject there")
     if subjects:
         absent = [s for s in subjects if s not in found]
         if absent:
@@ -158,7 +224,7 @@ def answer_token_ids(tokenizer):
 
 def build_prompts(tokenizer, subject, rows, dev, shots, limit):
     """Token ids of every question's prompt, at most ``limit`` tokens; and how many were cut."""
-    name = config.CEVAL_SUBJECTS[subject][0]
+    name = CEVAL_SUBJECTS[subject][0]
     examples = dev[:shots]
     texts = [prompt.ceval_prompt(name, row, examples) for row in rows]
     encoded = prompt.tokenize_segment_texts(tokenizer, texts)
@@ -178,8 +244,6 @@ def build_prompts(tokenizer, subject, rows, dev, shots, limit):
 
 def score_prompts(model, prompts, letter_ids, batch_size, pad_id, progress=None):
     """The four option-letter logits at the last position of each prompt (batched, left-padded)."""
-    import torch
-
     device = model_loader.input_device(model)
     letters = torch.tensor(letter_ids, device=device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -215,18 +279,13 @@ def mean(values):
 def summarise(per_subject):
     """Category averages (plain mean over the category's subjects) and the overall average."""
     categories = {}
-    for category in config.CEVAL_CATEGORIES:
+    for category in CEVAL_CATEGORIES:
         categories[category] = mean([r["accuracy"] for r in per_subject.values() if r["category"] == category])
     return categories, mean([r["accuracy"] for r in per_subject.values()])
 
 
 def evaluate(model, tokenizer, subjects, shots, batch_size, show_progress=True):
     """One few-shot setting over ``subjects``: per-subject results, category and overall averages."""
-    from tqdm import tqdm
-
-    import chat
-    import dataset
-
     letter_ids = answer_token_ids(tokenizer)
     choices = config.CEVAL["choices"]
     limit = chat.context_length_of(model, tokenizer)
@@ -241,7 +300,7 @@ def evaluate(model, tokenizer, subjects, shots, batch_size, show_progress=True):
         scores = score_prompts(model, all_prompts, letter_ids, batch_size, dataset.pad_token_id_of(tokenizer), bar)
     per_subject, predictions = {}, {}
     for (subject, row), score in zip(owners, scores):
-        name, category = config.CEVAL_SUBJECTS[subject]
+        name, category = CEVAL_SUBJECTS[subject]
         record = per_subject.setdefault(subject, {"name": name, "category": category, "questions": 0,
                                                   "answered": 0, "correct": 0})
         predicted = choices[max(range(len(choices)), key=lambda j: score[j])]
@@ -269,10 +328,10 @@ def format_tables(model_name, split, results):
     for subject, record in results[0]["subjects"].items():
         accuracies = " | ".join(percent(r["subjects"][subject]["accuracy"]) for r in results)
         lines.append(f"| {subject} ({record['name']}) | {record['category']} | {record['questions']} | {accuracies} |")
-    lines += ["", "| Model | " + " | ".join(config.CEVAL_CATEGORIES) + " | Average |",
-              "|" + " --- |" * (2 + len(config.CEVAL_CATEGORIES))]
+    lines += ["", "| Model | " + " | ".join(CEVAL_CATEGORIES) + " | Average |",
+              "|" + " --- |" * (2 + len(CEVAL_CATEGORIES))]
     for r in results:
-        cells = " | ".join(percent(r["categories"][c]) for c in config.CEVAL_CATEGORIES)
+        cells = " | ".join(percent(r["categories"][c]) for c in CEVAL_CATEGORIES)
         lines.append(f"| {model_name} ({r['shots']}-shot) | {cells} | {percent(r['average'])} |")
     return "\n".join(lines)
 

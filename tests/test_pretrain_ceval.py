@@ -14,9 +14,9 @@ import torch
 
 from conftest import REPO, run_script
 
-import config
 import data_io
 import dataset
+import evaluate_ceval
 import prompt
 
 SUBJECTS = ["high_school_physics", "marxism", "law", "physician"]   # one per category
@@ -50,7 +50,7 @@ def write_ceval(root):
                 writer.writeheader()
                 writer.writerows(rows)
             if split == "val":
-                name = config.CEVAL_SUBJECTS[subject][0]
+                name = evaluate_ceval.CEVAL_SUBJECTS[subject][0]
                 documents += [prompt.ceval_prompt(name, row) + row["answer"] for row in rows]
     with open(os.path.join(root, "train.jsonl"), "w", encoding="utf-8") as f:
         for doc in documents:
@@ -150,14 +150,12 @@ def test_trained_model_scores_far_above_chance_untrained_near_it(tiny_model_dir,
     for setting in ("0-shot", "5-shot"):
         assert untrained["results"][setting]["average"] <= 0.4
     # the README layout: the category summary row of the trained model
-    cells = " | ".join(f"{100 * zero['categories'][c]:.1f}" for c in config.CEVAL_CATEGORIES)
+    cells = " | ".join(f"{100 * zero['categories'][c]:.1f}" for c in evaluate_ceval.CEVAL_CATEGORIES)
     assert f"| tiny-pt (0-shot) | {cells} | {100 * zero['average']:.1f} |" in stdout
     assert "| Model | STEM | Social Science | Humanities | Other | Average |" in stdout
 
 
 def test_category_averages_as_documented():
-    import evaluate_ceval
-
     per_subject = {
         "high_school_physics": {"category": "STEM", "accuracy": 1.0},
         "college_physics": {"category": "STEM", "accuracy": 0.5},
@@ -168,15 +166,14 @@ def test_category_averages_as_documented():
     # a category: the plain mean of its subjects; overall: the plain mean of all subjects
     assert categories == {"STEM": 0.75, "Social Science": 0.25, "Humanities": 0.75, "Other": None}
     assert average == pytest.approx((1.0 + 0.5 + 0.25 + 0.75) / 4)
-    assert len(config.CEVAL_SUBJECTS) == 52
-    counts = {c: sum(1 for _, cat in config.CEVAL_SUBJECTS.values() if cat == c) for c in config.CEVAL_CATEGORIES}
+    assert len(evaluate_ceval.CEVAL_SUBJECTS) == 52
+    counts = {c: sum(1 for _, cat in evaluate_ceval.CEVAL_SUBJECTS.values() if cat == c)
+              for c in evaluate_ceval.CEVAL_CATEGORIES}
     assert counts == {"STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}
 
 
 def test_batched_scores_equal_unbatched_and_letter_ids(tiny_model_dir, tiny_tokenizer, ceval_dir):
     from transformers import AutoModelForCausalLM
-
-    import evaluate_ceval
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     letters = evaluate_ceval.answer_token_ids(tiny_tokenizer)
@@ -207,7 +204,6 @@ def test_bad_data_dir_and_test_split(tiny_model_dir, ceval_dir, tmp_path):
     proc = run_script(["code/evaluate_ceval.py", "--model_path", tiny_model_dir, "--lora_path", "none",
                        "--data_dir", str(tmp_path / "nowhere")])
     assert proc.returncode != 0 and "--data_dir" in proc.stderr and "Traceback" not in proc.stderr
-    import evaluate_ceval
     from data_io import DataError
 
     bad = tmp_path / "bad"
