@@ -183,9 +183,9 @@ def readme_api_example(name):
 
 
 def test_readme_client_example_runs(api):
-    code = readme_api_example("README.md")
+    code = readme_api_example("docs/serving.md")
     strip = lambda block: [line.split("  #")[0] for line in block.splitlines()]   # noqa: E731
-    assert strip(code) == strip(readme_api_example("README_ch.md"))
+    assert strip(code) == strip(readme_api_example("docs/serving_ch.md"))
     assert 'base_url="http://127.0.0.1:8000/v1"' in code and config.SERVER["port"] == 8000
     code = code.replace("http://127.0.0.1:8000/v1", api[0] + "/v1").replace('api_key="KEY"', f'api_key="{KEY}"')
     proc = run_script(["-c", code], timeout=120)
