@@ -1,9 +1,11 @@
 """Shared fixtures: the repo paths, a tiny model built once per test session, script runners, and the
 toy CuteGPT that `inference.py --demo` builds (once per session, with a smaller test recipe) for the
 tests of inference.py, the API server and the web demo."""
+import ctypes
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,6 +30,95 @@ TEST_DEMO = {
     "finetune": {"max_epoches": 40, "lr": 5e-3, "warmup_steps": 5, "micro_batch_size": 1, "grad_accum": 1,
                  "seed": 0, "lr_schedule": "linear"},
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# processes: nothing a test starts outlives the suite
+# ------------------------------------------------------------------------------------------------
+def _become_subreaper():
+    """Orphans of our children (torchrun's workers, once torchrun is gone) are re-parented to this process
+    instead of init, so that they still count as ours: they can be found, killed and reaped."""
+    try:
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):   # not Linux: descendants are still found while their parents live
+        pass
+
+
+def descendants(pid):
+    """Live (non-zombie) processes below ``pid``, found through /proc: [(pid, command line)]."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if state != "Z":
+            children.setdefault(int(ppid), []).append((int(entry), command))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def kill_tree(pid, timeout=30):
+    """SIGKILL ``pid`` and every process below it (workers in sessions of their own included) and wait
+    until they are gone."""
+    below = [child for child, _ in descendants(pid)]
+    for victim in [pid] + below:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(v) for v in [pid] + below):
+        _reap(below)   # ``pid`` itself is left to its Popen object, which collects its exit status
+        time.sleep(0.05)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _reap(pids):
+    """Collect the exit status of those of ``pids`` that were re-parented to this process as orphans
+    (they would stay zombies); the others belong to someone else."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def pytest_configure(config):
+    _become_subreaper()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a process started by a test is still alive at the end (and kill it)."""
+    left = descendants(os.getpid())
+    if not left:
+        return
+    for pid, _ in left:
+        kill_tree(pid)
+    _reap([pid for pid, _ in left])
+    listing = "\n".join(f"  {pid}: {command[:200]}" for pid, command in left)
+    print(f"\nERROR: {len(left)} process(es) started by the tests outlived them (now killed):\n{listing}",
+          file=sys.stderr)
+    session.exitstatus = 1
 
 
 def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
