@@ -5,15 +5,24 @@ import ctypes
 import importlib.util
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
-import config
-import data_io
-import pytest
+# The toy models' recall must not depend on which x86 CPU runs the suite: every process of the tests (this one
+# and the scripts it starts, which inherit the environment) runs the same instruction-set path of ATen's
+# kernels, MKL (its conditional-numerical-reproducibility branch) and oneDNN, so float rounding, and with it
+# what a toy model learns, is the same on any CPU with AVX2.  Set before anything imports torch.
+if platform.machine() in ("x86_64", "AMD64"):
+    for name, value in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}.items():
+        os.environ.setdefault(name, value)
+
+import config  # noqa: E402
+import data_io  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
