@@ -269,11 +269,12 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
                 target_modules=config.LORA_TARGET_MODULES, bias="none", task_type="CAUSAL_LM"))
     elif end_piece_ids is not None:
         new_id = init_end_embedding(model, tokenizer, end_piece_ids)
-        distributed.print_rank0(f"added {config.END_MARKER!r} as token {new_id}; its embedding rows start as the mean of "
-                    f"the rows of its former pieces {end_piece_ids}")
+        distributed.print_rank0(f"added {config.END_MARKER!r} as token {new_id}; its embedding rows start as the "
+                                f"mean of the rows of its former pieces {end_piece_ids}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
 
 # ----------------------------------------------------------------------------------------------
 # setup, the training loop, main
@@ -352,8 +353,7 @@ def train(args, engine, train_dataset, sampler, plan, save, runlog, device, worl
 
 
 def setup(args, device):
-    """Every check and what the model needs before it is built: (settings, tokenizer, end_piece_ids, rows).
-    Every rank runs it, so every rank stops on a bad input."""
+    """Checks and inputs: (settings, tokenizer, end_piece_ids, rows); every rank stops on a bad input."""
     try:
         check_inputs(args)
         settings = training_settings(args, device)

@@ -119,6 +119,7 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "attention: PyTorch SDPA (the flash_attn package is not installed" in proc.stdout
     assert "ranks: 2" in proc.stdout
+    assert "effective configuration" not in proc.stdout     # saved to training_config.json, printed on request only
     run_dir = tmp_path / "ckp" / "llama_lora"
     history = losses(run_dir)
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
@@ -163,9 +164,11 @@ def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
     proc = run_script(["code/finetune.py", "--model_path", tiny_model_dir, "--data_path", data,
                        "--dataset_type", "DatasetIds", "--max_length", str(MAX_LENGTH), "--max_epoches", "4",
                        "--save_dir", str(tmp_path / "ckp"), "--save_name", "full", "--micro_batch_size", "4",
-                       "--grad_accum", "1", "--lr", "3e-3", "--warmup_steps", "5", "--no_progress", "--seed", "1"])
+                       "--grad_accum", "1", "--lr", "3e-3", "--warmup_steps", "5", "--no_progress", "--seed", "1",
+                       "--print_config"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "added '<end>' as token" in proc.stdout and "ranks: 1" in proc.stdout
+    assert "effective configuration:" in proc.stdout      # --print_config
     run_dir = tmp_path / "ckp" / "full"
     history = losses(run_dir)
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
