@@ -25,7 +25,9 @@ PROGRESS_FILE = "progress.json"
 ENGINE_TAG = "engine"
 TMP_PREFIX = ".tmp-"
 
+
 def rng_states():
+    """This rank's random-number states (torch, Python, NumPy, CUDA) as tensors and plain values."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
     np_state = np.random.get_state()

@@ -22,6 +22,7 @@ def print_rank0(*args, **kwargs):
 
 
 def free_port():
+    """A TCP port free on this machine (for the one-process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -109,8 +110,6 @@ def with_lr_schedule(ds, schedule, total_steps):
     else:  # cosine scales the optimizer's lr, which --lr and config.py keep equal to the peak
         params = dict(common, warmup_min_ratio=warm.get("warmup_min_lr", 0.0) / peak, cos_min_ratio=0.0)
     return dict(ds, scheduler={"type": LR_SCHEDULERS[schedule], "params": params})
-
-
 
 
 def all_ranks_agree(ok, device):
