@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -60,23 +61,32 @@ def greedy_answer(model, tokenizer, history, query):
     return result.response
 
 
-def kill_process_tree(pid, timeout=60):
-    """SIGKILL process ``pid`` and every process below it, and wait until they are gone.
+def kill_process_tree(proc, timeout=60):
+    """SIGKILL ``proc`` (a Popen) and every process below it, and wait until they are gone.
 
     torchrun's and deepspeed's ranks start in process sessions of their own, so killing the launcher's
     process group does not reach them: they are found by walking the children (before the launcher
     dies and they are re-parented)."""
     try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return
-    for proc in procs:
+        descendants = []
+    proc.kill()   # first, so that no new rank is started
+    for child in descendants:
         try:
-            proc.kill()
+            child.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=timeout)
+    proc.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    for child in descendants:   # not our children: gone, or a zombie left for init to reap
+        while time.time() < deadline:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
 
 
 def run_launcher(command, env=None, timeout=900):
@@ -89,7 +99,7 @@ def run_launcher(command, env=None, timeout=900):
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        kill_process_tree(proc.pid)
+        kill_process_tree(proc)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 

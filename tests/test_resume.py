@@ -99,10 +99,10 @@ def kill_when_hanging(proc, marker_dir, what, ranks=2, timeout=300):
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before the kill point:\n{proc.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            kill_process_tree(proc.pid)
+            kill_process_tree(proc)
             raise AssertionError("the run never reached the kill point")
         time.sleep(0.2)
-    kill_process_tree(proc.pid)
+    kill_process_tree(proc)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL or proc.returncode != 0
 
@@ -111,7 +111,7 @@ def finish(proc, timeout=600):
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        kill_process_tree(proc.pid)
+        kill_process_tree(proc)
     assert proc.returncode == 0, out[-4000:]
     return out
 
