@@ -46,7 +46,7 @@ def _demo_recipe(data_file):
 def _run_step(number, title, args, bar, log_file):
     """Run one pipeline step with its output going to ``log_file`` (the fine-tuning's step lines move
     ``bar``); on failure, raise with the output's last lines."""
-    bar.set_description(f"[demo {number}/3] {title}")
+    bar.set_description_str(f"[demo {number}/3] {title}")
     command = [sys.executable] + args
     log_file.write(f"==== [demo {number}/3] {title}\n$ {shlex.join(command)}\n")
     tail = collections.deque(maxlen=30)
