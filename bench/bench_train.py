@@ -26,14 +26,15 @@ What is timed is code/finetune.py itself, not a copy of it:
 Two things differ from a real run, both outside the timed step:
 
 - weights: build_model gets a ``base_model`` made by ``AutoModelForCausalLM.from_config`` of the
-  shape's config (written as a config-only model directory in a temporary folder) with random weights, created directly on the target device
-  in the dtype finetune would load (bf16 on a GPU; fp32 on a CPU unless --precision says otherwise).
+  shape's config (written as a config-only model directory in a temporary folder) with random weights,
+  created directly on the target device in the dtype finetune would load (bf16 on a GPU; fp32 on a CPU
+  unless --precision says otherwise).
   Speed does not depend on weight values, and nothing of 26 GB is written or read;
 - data: the rows are random token ids in synthetic samples (a question of 4..S/16 tokens, not learned,
   then an answer of 8..S/2 tokens, log-uniform, learned, then eos), packed by ``dataset.pack_samples``
-  exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids .pkl.  So rows hold several samples,
-  position ids restart per sample and the block mask path runs; the share of real (non-pad) tokens of
-  the timed rows is reported.
+  exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids
+  .pkl.  So rows hold several samples, position ids restart per sample and the block mask path runs;
+  the share of real (non-pad) tokens of the timed rows is reported.
 
 Variants (--variants, each in a fresh model and engine, memory freed in between) run on identical
 rows with identical seeds, so their losses must agree: a lever that changes speed or memory must not
