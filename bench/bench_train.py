@@ -14,26 +14,27 @@ What is timed is code/finetune.py itself, not a copy of it:
 - the arguments are ``finetune.parse_args([...])`` of the flags a LoRA run would get (--use_lora
   --max_length --micro_batch_size --grad_accum --precision, plus the variant's own flags such as
   --gradient_checkpointing, --attention flex or --liger);
-- ``finetune.init_distributed`` (one process, no launcher), ``model_loader.training_precision``,
-  ``finetune.resolve_ds_config`` (config.DS_CONFIG_lora with those overrides),
-  ``model_loader.training_attention`` and ``model_loader.check_liger``, ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file
-  in convert_data.py's format), the DistributedSampler + DataLoader of ``finetune.main``,
-  ``finetune.build_model`` (use_cache off, peft LoRA with config.py's r/alpha/targets, gradient
-  checkpointing with use_reentrant=False), ``deepspeed.initialize`` with that config, and
-  ``finetune.train_step`` (block-diagonal causal mask for SDPA, summed loss / learned tokens,
+- ``distributed.init_distributed`` (one process, no launcher); ``finetune.training_settings`` (precision,
+  ``distributed.resolve_ds_config``: config.DS_CONFIG_lora with those overrides, the attention kernel and
+  liger checks); ``finetune.load_train_dataset`` (dataset.DatasetIds over an ids file in convert_data.py's
+  format) and the sampler and ``finetune.epoch_batches`` of ``finetune.main``; ``finetune.build_model``
+  (use_cache off, peft LoRA with config.py's r/alpha/targets, gradient checkpointing with
+  use_reentrant=False); ``train_step.make_engine`` (deepspeed.initialize with that config); and
+  ``train_step.train_step`` (block-diagonal causal mask for SDPA, summed loss / learned tokens,
   engine.backward + engine.step) for every timed step.
 
 Two things differ from a real run, both outside the timed step:
 
 - weights: build_model gets a ``base_model`` made by ``AutoModelForCausalLM.from_config`` of the
-  shape's config (written as a config-only model directory in a temporary folder) with random weights, created directly on the target device
-  in the dtype finetune would load (bf16 on a GPU; fp32 on a CPU unless --precision says otherwise).
+  shape's config (written as a config-only model directory in a temporary folder) with random weights,
+  created directly on the target device in the dtype finetune would load (bf16 on a GPU; fp32 on a CPU
+  unless --precision says otherwise).
   Speed does not depend on weight values, and nothing of 26 GB is written or read;
 - data: the rows are random token ids in synthetic samples (a question of 4..S/16 tokens, not learned,
   then an answer of 8..S/2 tokens, log-uniform, learned, then eos), packed by ``dataset.pack_samples``
-  exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids .pkl.  So rows hold several samples,
-  position ids restart per sample and the block mask path runs; the share of real (non-pad) tokens of
-  the timed rows is reported.
+  exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids
+  .pkl.  So rows hold several samples, position ids restart per sample and the block mask path runs;
+  the share of real (non-pad) tokens of the timed rows is reported.
 
 Variants (--variants, each in a fresh model and engine, memory freed in between) run on identical
 rows with identical seeds, so their losses must agree: a lever that changes speed or memory must not
@@ -51,8 +52,8 @@ Figures (after --warmup untimed steps; GPU work is synchronised before each cloc
 - tokens/s: real (non-pad) tokens of the timed steps / their wall time; "all tok/s" counts pad too;
 - TFLOP/s: FLOPs per processed position (pad included: the GPU computes them) x positions / time,
   with the formula printed; "model" leaves out activation recomputation, "hw" adds it;
-  "baseline formula" is the formula of /work/shared/bench/gpu_anchors.py, for a like-for-like
-  comparison with its H200 figures;
+  "baseline formula" is the formula of gpu_anchors.py (in shared/bench/ beside the repo), for a
+  like-for-like comparison with its H200 figures;
 - peak memory: torch.cuda.max_memory_allocated() since the variant's model was built (weights
   included) on a GPU; on a CPU the process's peak resident set (getrusage), which only ever grows,
   so later variants' figures include earlier ones.
@@ -69,7 +70,10 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.metadata
+import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -80,12 +84,24 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 import weakref
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODE = os.path.join(REPO, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data.distributed import DistributedSampler
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
+
+import config  # noqa: E402
+import data_io  # noqa: E402
+import dataset  # noqa: E402
+import distributed  # noqa: E402
+import finetune  # noqa: E402
+import model_loader  # noqa: E402
+import train_step  # noqa: E402
 
 # the LLaMA-13B shape with CuteGPT's extended vocabulary (the shape of the H200 baseline)
 SHAPE_13B = {"vocab_size": 49954, "hidden_size": 5120, "num_layers": 40, "num_heads": 40, "num_kv_heads": 40,
@@ -123,10 +139,10 @@ LOSS_NOT_COMPARED = ("qlora_nf4", "qlora_int8")
 LOSS_TOL = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 DEFAULT_VARIANTS = "plain,checkpointing"
 
-# /work/shared/bench/h200_hf_baseline.json: plain transformers + peft on one H200, 13B shape, bf16,
+# h200_hf_baseline.json (shared/bench/ beside the repo): plain transformers + peft on one H200, 13B shape, bf16,
 # LoRA r8 q/v, micro-batch 2 x 2048, SDPA, random tokens without padding, optimizer step every micro-batch
 BASELINE = {
-    "source": "/work/shared/bench/h200_hf_baseline.json (gpu_anchors.py, torch 2.11, transformers 5.17, peft 0.21)",
+    "source": "shared/bench/h200_hf_baseline.json beside the repo (gpu_anchors.py, torch 2.11, transformers 5.17, peft 0.21)",
     "plain": {"tokens_per_s": 7183.8, "tflops": 384.0, "peak_mem_GiB": 60.09},
     "checkpointing": {"tokens_per_s": 5255.5, "tflops": 418.7, "peak_mem_GiB": 28.77},
 }
@@ -147,9 +163,6 @@ def check_packages():
 
     The optional packages are only looked up (their installed version), not imported.
     """
-    import importlib.metadata
-    import importlib.util
-
     versions, missing = {}, []
     for name in REQUIRED:
         try:
@@ -180,8 +193,6 @@ def check_packages():
 def shape_of(name):
     if name == "13b":
         return dict(SHAPE_13B)
-    import config
-
     t = config.TINY_MODEL
     return {"vocab_size": t["vocab_size"], "hidden_size": t["hidden_size"], "num_layers": t["num_layers"],
             "num_heads": t["num_heads"], "num_kv_heads": t["num_heads"], "intermediate_size": t["intermediate_size"],
@@ -190,8 +201,6 @@ def shape_of(name):
 
 def write_config_dir(shape, seq_len, directory):
     """A config-only model directory (config.json) of the shape: what --model_path points at."""
-    from transformers import LlamaConfig
-
     LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                 intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
                 num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
@@ -203,9 +212,6 @@ def write_config_dir(shape, seq_len, directory):
 
 def random_base_model(model_dir, device, dtype, attn_implementation):
     """A model of the shape saved in ``model_dir`` with random weights, built directly on ``device``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device(device):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
                                                 attn_implementation=attn_implementation)
@@ -213,8 +219,6 @@ def random_base_model(model_dir, device, dtype, attn_implementation):
 
 def ensure_saved_weights(model_dir, device, dtype, attn_implementation, seed):
     """Random weights of the shape saved into ``model_dir`` (once), for the variants that load them."""
-    import torch
-
     if os.path.isfile(os.path.join(model_dir, "model.safetensors.index.json")) or \
             os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         return
@@ -222,9 +226,7 @@ def ensure_saved_weights(model_dir, device, dtype, attn_implementation, seed):
     model = random_base_model(model_dir, device, dtype, attn_implementation)
     model.save_pretrained(model_dir, safe_serialization=True)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
 
 
 def synthetic_samples(rng, vocab_size, seq_len, total_tokens, eos_id=2):
@@ -244,8 +246,6 @@ def synthetic_samples(rng, vocab_size, seq_len, total_tokens, eos_id=2):
 
 def write_ids_file(path, shape, seq_len, rows_needed, seed):
     """Packed synthetic rows in convert_data.py's ids-file format (read back by dataset.DatasetIds)."""
-    import dataset
-
     rng = random.Random(seed)
     # a pool of rows larger than the run needs, as a real data set is: best-fit packing then fills
     # rows as convert_data.py's does; the sampler draws the run's rows from the whole pool
@@ -299,135 +299,134 @@ def flops_per_position(shape, seq_len, lora_params, base_params, checkpointing):
 # one variant
 # ----------------------------------------------------------------------------------------------
 def sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def peak_memory(device):
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30, "cuda max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS (CPU)"
 
 
+def variant_args(name, opts, model_dir, data_path):
+    """finetune.py's arguments for a LoRA run with the variant's flags."""
+    return finetune.parse_args(
+        ["--use_lora", "--model_path", model_dir, "--data_path", data_path, "--dataset_type", "DatasetIds",
+         "--max_length", str(opts.seq_len), "--micro_batch_size", str(opts.micro_batch_size),
+         "--grad_accum", str(opts.grad_accum), "--precision", opts.precision, "--seed", str(opts.seed),
+         "--no_progress"] + VARIANTS[name])
+
+
+def unavailable(args, device):
+    """Why the variant cannot run here (finetune's own checks, a missing package), or None; else its settings."""
+    try:
+        settings = finetune.training_settings(args, device)
+    except model_loader.LoaderError as e:
+        return str(e), None
+    attn, attn_note = settings[3], settings[4]
+    if args.attention == "flash" and attn != "flash_attention_2":
+        return attn_note, settings
+    if args.quant != "none" and not model_loader.bitsandbytes_available():
+        return f"--quant {args.quant} needs bitsandbytes, which is not installed (pip install bitsandbytes)", settings
+    return None, settings
+
+
+def variant_model(args, model_dir, device, dtype, attn):
+    """finetune.build_model around random weights of the shape (built on the device, or saved once and
+    loaded where bitsandbytes quantizes while loading)."""
+    if args.quant != "none":
+        ensure_saved_weights(model_dir, device, dtype, attn, args.seed)
+        torch.manual_seed(args.seed)
+        return finetune.build_model(args, None, dtype, attn, device=device)
+    return finetune.build_model(args, None, dtype, attn, base_model=random_base_model(model_dir, device, dtype, attn))
+
+
+def time_steps(name, engine, groups, opts, device, world_size):
+    """Run warm-up + timed optimizer steps with train_step.train_step; per-step losses, seconds, tokens."""
+    steps, out = opts.warmup + opts.steps, {"losses": [], "step_seconds": [], "real_tokens": [], "positions": []}
+    for step in range(steps):
+        group = next(groups)
+        sync(device)
+        start = time.perf_counter()
+        loss, real_tokens = train_step.train_step(engine, group, device, world_size)
+        sync(device)
+        out["step_seconds"].append(time.perf_counter() - start)
+        out["losses"].append(loss)
+        out["real_tokens"].append(real_tokens)
+        out["positions"].append(sum(int(b["input_ids"].numel()) for b in group))
+        say(f"[{name}] step {step + 1}/{steps}{' (warm-up)' if step < opts.warmup else ''}: "
+            f"loss {loss:.6f}, {out['step_seconds'][-1]:.3f} s, {real_tokens} real tokens")
+    return out
+
+
+def speed_figures(timing, opts, shape, lora_params, base_params, checkpointing, device):
+    timed = slice(opts.warmup, opts.warmup + opts.steps)
+    seconds = sum(timing["step_seconds"][timed])
+    real_timed, pos_timed = sum(timing["real_tokens"][timed]), sum(timing["positions"][timed])
+    flops = flops_per_position(shape, opts.seq_len, lora_params, base_params, checkpointing)
+    peak, peak_kind = peak_memory(device)
+    return dict(timing, seconds_per_step=seconds / opts.steps, tokens_per_s=real_timed / seconds,
+                all_tokens_per_s=pos_timed / seconds, real_token_share=real_timed / pos_timed,
+                flops_per_position=flops, tflops_model=flops["model"] * pos_timed / seconds / 1e12,
+                tflops_hw=flops["hw"] * pos_timed / seconds / 1e12,
+                tflops_baseline_formula=flops["baseline_formula"] * pos_timed / seconds / 1e12,
+                peak_mem_GiB=peak, peak_mem_kind=peak_kind)
+
+
 def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
-    import deepspeed
-    import torch
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    import dataset
-    import finetune
-    import model_loader
-
-    argv = ["--use_lora", "--model_path", model_dir, "--data_path", data_path, "--dataset_type", "DatasetIds",
-            "--max_length", str(opts.seq_len), "--micro_batch_size", str(opts.micro_batch_size),
-            "--grad_accum", str(opts.grad_accum), "--precision", opts.precision, "--seed", str(opts.seed),
-            "--no_progress"] + VARIANTS[name]
-    args = finetune.parse_args(argv)
-    precision = model_loader.training_precision(args.precision, device)
-    dtype = model_loader.TRAINING_DTYPES[precision]
-    ds_config = finetune.resolve_ds_config(args, precision, device)
-    result = {"variant": name, "flags": VARIANTS[name], "precision": precision,
+    """One variant in a fresh model and engine: finetune's setup, data and step; returns (result, DeepSpeed config)."""
+    args = variant_args(name, opts, model_dir, data_path)
+    result = {"variant": name, "flags": VARIANTS[name], "precision": model_loader.training_precision(args.precision, device),
               "gradient_checkpointing": args.gradient_checkpointing, "lora_dropout": args.lora_dropout,
               "liger": args.liger}
-    try:   # the checks finetune.main makes: a lever that cannot run here is skipped, with finetune's reason
-        attn, attn_note = model_loader.training_attention(args.attention, device)
-        model_loader.check_liger(args.liger, device)
-    except model_loader.LoaderError as e:
-        result.update(attention=args.attention, skipped=str(e))
-        say(f"[{name}] skipped: {e}")
-        return result, ds_config
+    reason, settings = unavailable(args, device)
+    if reason:
+        result.update(attention=settings[3] if settings else args.attention, skipped=reason)
+        if settings:
+            result["attention_note"] = settings[4]
+        say(f"[{name}] skipped: {reason}")
+        return result, settings and settings[2]
+    _, dtype, ds_config, attn, attn_note = settings
     result.update(attention=attn, attention_note=attn_note)
-    if args.attention == "flash" and attn != "flash_attention_2":
-        result["skipped"] = attn_note
-        say(f"[{name}] skipped: {attn_note}")
-        return result, ds_config
-    if args.quant != "none" and not model_loader.bitsandbytes_available():
-        result["skipped"] = f"--quant {args.quant} needs bitsandbytes, which is not installed (pip install bitsandbytes)"
-        say(f"[{name}] skipped: {result['skipped']}")
-        return result, ds_config
-
-    # the data path of finetune.main
     train_dataset = finetune.load_train_dataset(args, None)
-    micro_batch, grad_accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=0, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                        collate_fn=dataset.collate_rows)
-    sampler.set_epoch(0)
 
-    gc.collect()
+    free_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         result["mem_allocated_at_start_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     torch.manual_seed(args.seed)   # as finetune.main: same base weights and LoRA init in every variant
     t0 = time.perf_counter()
-    if args.quant != "none":
-        # bitsandbytes quantizes while loading: the random weights go through a saved model directory
-        ensure_saved_weights(model_dir, device, dtype, attn, args.seed)
-        torch.manual_seed(args.seed)
-        model = finetune.build_model(args, None, dtype, attn, device=device)
-    else:
-        model = finetune.build_model(args, None, dtype, attn,
-                                     base_model=random_base_model(model_dir, device, dtype, attn))
-    engine, _, _, _ = deepspeed.initialize(model=finetune.LossModule(model, attn, dtype, args.loss_chunk,
-                                                                     fused_loss=args.liger == "all"),
-                                           config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
-    engine.train()
+    model = variant_model(args, model_dir, device, dtype, attn)
+    engine = train_step.make_engine(model, ds_config, attn, dtype, args.loss_chunk, fused_loss=args.liger == "all")
     sync(device)
     result["setup_s"] = time.perf_counter() - t0
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     result.update(trainable_params=lora_params, base_params=base_params,
                   checkpointing_active=any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()))
-
-    batches = iter(loader)
-    steps, losses, times, real, positions = opts.warmup + opts.steps, [], [], [], []
-    for step in range(steps):
-        group = [next(batches) for _ in range(grad_accum)]
-        sync(device)
-        start = time.perf_counter()
-        loss, real_tokens = finetune.train_step(engine, group, device, world_size)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss)
-        real.append(real_tokens)
-        positions.append(sum(int(b["input_ids"].numel()) for b in group))
-        say(f"[{name}] step {step + 1}/{steps}{' (warm-up)' if step < opts.warmup else ''}: "
-            f"loss {loss:.6f}, {times[-1]:.3f} s, {real_tokens} real tokens")
-
-    timed = slice(opts.warmup, steps)
-    seconds = sum(times[timed])
-    real_timed, pos_timed = sum(real[timed]), sum(positions[timed])
-    flops = flops_per_position(shape, opts.seq_len, lora_params, base_params, args.gradient_checkpointing)
-    peak, peak_kind = peak_memory(device)
-    result.update(
-        losses=losses, step_seconds=times, real_tokens=real, positions=positions,
-        seconds_per_step=seconds / opts.steps,
-        tokens_per_s=real_timed / seconds, all_tokens_per_s=pos_timed / seconds,
-        real_token_share=real_timed / pos_timed,
-        flops_per_position=flops,
-        tflops_model=flops["model"] * pos_timed / seconds / 1e12,
-        tflops_hw=flops["hw"] * pos_timed / seconds / 1e12,
-        tflops_baseline_formula=flops["baseline_formula"] * pos_timed / seconds / 1e12,
-        peak_mem_GiB=peak, peak_mem_kind=peak_kind)
+    groups = finetune.epoch_batches(train_dataset, sampler, 0, 0, ds_config["train_micro_batch_size_per_gpu"],
+                                    ds_config["gradient_accumulation_steps"], args.seed)
+    timing = time_steps(name, engine, groups, opts, device, world_size)
+    result.update(speed_figures(timing, opts, shape, lora_params, base_params, args.gradient_checkpointing, device))
 
     # free everything before the next variant
     if hasattr(engine, "destroy"):
         engine.destroy()
     model_ref = weakref.ref(model)
-    del engine, model, batches, group, loader, train_dataset
-    gc.collect()
+    del engine, model, groups, train_dataset
+    free_memory(device)
     result["model_freed"] = model_ref() is None   # nothing (DeepSpeed, peft, hooks) still holds the weights
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         result["mem_allocated_after_free_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     return result, ds_config
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,11 +437,6 @@ def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, re
     a mask (what plain causal training gets, flash-eligible) against finetune's block-diagonal mask
     (dataset.block_causal_mask of the run's first micro-batch), with the default dispatch and with
     each backend forced.  A failure is recorded, never raised."""
-    import torch
-    import torch.nn.functional as F
-
-    import dataset
-
     heads, head_dim = shape["num_heads"], shape["hidden_size"] // shape["num_heads"]
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(micro_batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
@@ -486,10 +480,6 @@ def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, re
 def flex_timed(q, k, v, position_ids, reps):
     """Seconds per forward+backward of compiled FlexAttention with finetune's BlockMask
     (dataset.block_causal_block_mask, built once), after one untimed call that compiles it; or the error."""
-    import torch
-
-    import dataset
-
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -545,8 +535,6 @@ def table(results, memory_unit):
 
 
 def machine_info(device):
-    import torch
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -616,19 +604,69 @@ def write_json(path, report):
         os.replace(path + ".tmp", path)
 
 
+def run_variants(opts, shape, device, world_size, report, started):
+    """Every variant on the same synthetic rows, then the attention probe; fills ``report`` as it goes."""
+    results = report["variants"]
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        model_dir = write_config_dir(shape, opts.seq_len, os.path.join(tmp, "model"))
+        data_path = os.path.join(tmp, "llama_ift_data_ids.pkl")
+        rows_needed = (opts.warmup + opts.steps) * opts.grad_accum * opts.micro_batch_size
+        report["data"] = data_info = write_ids_file(data_path, shape, opts.seq_len, rows_needed, opts.seed)
+        say(f"data: {data_info['samples']} synthetic samples packed into {data_info['rows']} rows "
+            f"({data_info['real_token_share_all_rows']:.1%} real tokens); {rows_needed} rows used")
+        for name in opts.variant_list:
+            try:
+                result, ds = run_variant(name, opts, shape, model_dir, data_path, device, world_size)
+                report["deepspeed_config"] = report["deepspeed_config"] or ds
+            except Exception as e:   # e.g. out of memory: record it, free, and go on with the next variant
+                traceback.print_exc()
+                result = {"variant": name, "flags": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000]}
+            results.append(result)
+            free_memory(device)
+            report["wall_s"] = time.perf_counter() - started
+            write_json(opts.json, report)   # what is measured so far survives a later crash or time-out
+        ran = [r for r in results if "losses" in r]
+        if ran:
+            rows = dataset.DatasetIds(None, data_io.safe_load_pickle(data_path), opts.seq_len)
+            position_ids = torch.stack([rows[i]["position_ids"] for i in range(opts.micro_batch_size)])
+            report["attention_probe"] = attention_probe(shape, opts.seq_len, opts.micro_batch_size,
+                                                        model_loader.FLOAT_DTYPES[ran[0]["precision"]], device,
+                                                        position_ids)
+    return ran
+
+
+def compare_with_baseline(opts, device, report, ran):
+    """On the baseline's own setting (13B shape, GPU, 2 x 2048, no accumulation): each variant against it."""
+    if not (opts.shape == "13b" and device.type == "cuda" and opts.seq_len == 2048 and opts.micro_batch_size == 2
+            and opts.grad_accum == 1):
+        return
+    report["baseline"] = BASELINE
+    for r in ran:
+        ref = BASELINE["checkpointing" if r["gradient_checkpointing"] else "plain"]
+        r["vs_baseline"] = {"all_tokens_per_s_ratio": r["all_tokens_per_s"] / ref["tokens_per_s"],
+                            "peak_mem_ratio": r["peak_mem_GiB"] / ref["peak_mem_GiB"]}
+        say(f"vs baseline ({'ckpt' if r['gradient_checkpointing'] else 'no ckpt'}: {ref['tokens_per_s']:,.0f} tok/s, "
+            f"{ref['peak_mem_GiB']} GiB): {r['variant']} all tok/s x{r['vs_baseline']['all_tokens_per_s_ratio']:.2f}, "
+            f"peak memory x{r['vs_baseline']['peak_mem_ratio']:.2f}")
+
+
+def say_probe(probe, device):
+    fmt = lambda x: f"{x * 1e3:.2f} ms" if isinstance(x, float) else x  # noqa: E731
+    say(f"attention alone (one layer, forward+backward, {probe['dtype']}): causal without mask "
+        f"{fmt(probe['causal_no_mask']['default'])}, finetune's block mask {fmt(probe['block_mask']['default'])}"
+        + ("" if device.type != "cuda" else "; forced backends (causal | block mask): " + ", ".join(
+            f"{name} {fmt(probe['causal_no_mask'][name])} | {fmt(probe['block_mask'][name])}"
+            for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"]))
+        + (f"; FlexAttention with the BlockMask {fmt(probe['flex_block_mask']['default'])}"
+           if "flex_block_mask" in probe else ""))
+
+
 def main(argv=None):
     opts = parse_args(argv)
     started = time.perf_counter()
     versions = check_packages()
-    import logging
-
-    import torch
-
-    import finetune
-    import model_loader
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    _, world_size, device = finetune.init_distributed()
+    _, world_size, device = distributed.init_distributed()
     if world_size != 1:
         print("error: run bench_train.py as one process (no launcher)", file=sys.stderr)
         return 2
@@ -643,7 +681,6 @@ def main(argv=None):
     say(f"device: {device} ({machine.get('gpu') or machine.get('cpu')}); "
         f"shape {opts.shape}: {shape}; rows {opts.micro_batch_size} x {opts.seq_len} tokens, "
         f"grad_accum {opts.grad_accum}, {opts.warmup} warm-up + {opts.steps} timed steps per variant")
-    results = []
     report = {
         "benchmark": "bench/bench_train.py",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -653,83 +690,32 @@ def main(argv=None):
         "micro_batch_size": opts.micro_batch_size, "grad_accum": opts.grad_accum, "steps": opts.steps,
         "warmup": opts.warmup, "seed": opts.seed, "data": None, "deepspeed_config": None,
         "flops_formula": FORMULA, "memory": memory_unit, "loss_tol": opts.loss_tol, "losses_agree": None,
-        "complete": False, "baseline": None, "variants": results, "attention_probe": None, "wall_s": None,
+        "complete": False, "baseline": None, "variants": [], "attention_probe": None, "wall_s": None,
     }
+    ran = run_variants(opts, shape, device, world_size, report, started)
 
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        model_dir = write_config_dir(shape, opts.seq_len, os.path.join(tmp, "model"))
-        data_path = os.path.join(tmp, "llama_ift_data_ids.pkl")
-        rows_needed = (opts.warmup + opts.steps) * opts.grad_accum * opts.micro_batch_size
-        report["data"] = data_info = write_ids_file(data_path, shape, opts.seq_len, rows_needed, opts.seed)
-        say(f"data: {data_info['samples']} synthetic samples packed into {data_info['rows']} rows "
-            f"({data_info['real_token_share_all_rows']:.1%} real tokens); {rows_needed} rows used")
-        for name in opts.variant_list:
-            try:
-                result, ds = run_variant(name, opts, shape, model_dir, data_path, device, world_size)
-                report["deepspeed_config"] = report["deepspeed_config"] or ds
-            except Exception as e:   # e.g. out of memory: record it, free, and go on with the next variant
-                import traceback
-
-                traceback.print_exc()
-                result = {"variant": name, "flags": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000]}
-            results.append(result)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            report["wall_s"] = time.perf_counter() - started
-            write_json(opts.json, report)   # what is measured so far survives a later crash or time-out
-        ran = [r for r in results if "losses" in r]
-        if ran:
-            import data_io
-            import dataset
-
-            rows = dataset.DatasetIds(None, data_io.safe_load_pickle(data_path), opts.seq_len)
-            position_ids = torch.stack([rows[i]["position_ids"] for i in range(opts.micro_batch_size)])
-            report["attention_probe"] = attention_probe(shape, opts.seq_len, opts.micro_batch_size,
-                                                        model_loader.TRAINING_DTYPES[ran[0]["precision"]], device, position_ids)
-
+    results = report["variants"]
     losses_agree = compare_losses(results, opts.loss_tol)
     failed = [r for r in results if "error" in r]
-    say("")
-    say(FORMULA)
-    say("")
+    say("\n" + FORMULA + "\n")
     say(table(results, memory_unit))
     if ran:
         say(f"{ran[0]['attention_note']}; precision {ran[0]['precision']}; "
             f"trainable (LoRA) parameters {ran[0]['trainable_params']:,}; base parameters {ran[0]['base_params']:,}")
-    if (opts.shape == "13b" and device.type == "cuda" and opts.seq_len == 2048 and opts.micro_batch_size == 2
-            and opts.grad_accum == 1):
-        report["baseline"] = BASELINE
-        for r in ran:
-            ref = BASELINE["checkpointing" if r["gradient_checkpointing"] else "plain"]
-            r["vs_baseline"] = {"all_tokens_per_s_ratio": r["all_tokens_per_s"] / ref["tokens_per_s"],
-                                "peak_mem_ratio": r["peak_mem_GiB"] / ref["peak_mem_GiB"]}
-            say(f"vs baseline ({'ckpt' if r['gradient_checkpointing'] else 'no ckpt'}: {ref['tokens_per_s']:,.0f} tok/s, "
-                f"{ref['peak_mem_GiB']} GiB): {r['variant']} all tok/s x{r['vs_baseline']['all_tokens_per_s_ratio']:.2f}, "
-                f"peak memory x{r['vs_baseline']['peak_mem_ratio']:.2f}")
+    compare_with_baseline(opts, device, report, ran)
     for r in results:
         if "skipped" in r:
             say(f"{r['variant']} skipped: {r['skipped']}")
         if "error" in r:
             say(f"{r['variant']} FAILED: {r['error'][:500]}")
-    probe = report["attention_probe"]
-    if probe:
-        fmt = lambda x: f"{x * 1e3:.2f} ms" if isinstance(x, float) else x  # noqa: E731
-        say(f"attention alone (one layer, forward+backward, {probe['dtype']}): causal without mask "
-            f"{fmt(probe['causal_no_mask']['default'])}, finetune's block mask {fmt(probe['block_mask']['default'])}"
-            + ("" if device.type != "cuda" else "; forced backends (causal | block mask): " + ", ".join(
-                f"{name} {fmt(probe['causal_no_mask'][name])} | {fmt(probe['block_mask'][name])}"
-                for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"]))
-            + (f"; FlexAttention with the BlockMask {fmt(probe['flex_block_mask']['default'])}"
-               if "flex_block_mask" in probe else ""))
+    if report["attention_probe"]:
+        say_probe(report["attention_probe"], device)
     say(f"losses agree across variants (tolerance {opts.loss_tol:g}): {'yes' if losses_agree else 'NO'}")
 
     report.update(losses_agree=losses_agree, complete=not failed, wall_s=time.perf_counter() - started)
     write_json(opts.json, report)
     if opts.json:
         say(f"wrote {opts.json}")
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
     if failed:

@@ -12,10 +12,10 @@
 # 4. the measurement: 13B shape, 2 x 2048 tokens, bf16, LoRA, 2 warm-up + 6 timed steps per variant, most
 #    informative first within one constraint (liger-kernel patches transformers' LLaMA for the rest of the
 #    process, so the liger variants come last):
-#      plain                     SDPA + dense block mask: the loss reference, and today's 6,992 tok/s again
-#      flex                      FlexAttention BlockMask      (target: >= 9,500 tok/s at <= 60 GiB)
-#      flex_checkpointing        the same with checkpointing  (target: >= 7,000 tok/s at <= 30 GiB)
-#      checkpointing             SDPA with checkpointing (with the chunked loss, which the 5,199 predates)
+#      plain                     SDPA + dense block mask: the loss reference
+#      flex                      FlexAttention BlockMask
+#      flex_checkpointing        the same with checkpointing
+#      checkpointing             SDPA with checkpointing
 #      liger_flex                + liger's fused RMSNorm/SwiGLU/RoPE/linear cross-entropy (needs liger-kernel)
 #      liger_flex_checkpointing  the same with checkpointing
 #      liger                     liger with SDPA: what the kernels alone bring
@@ -45,7 +45,7 @@ run() {
     timeout -k 10 90 "$PY" bench/bench_train.py --shape tiny --steps 2 --warmup 1 \
         --json "$OUT/bench_train_tiny_gpu.json"
     echo "== smoke exit status: $?"
-    echo "== 13B shape: finetune.train_step, 2 x 2048 tokens"
+    echo "== 13B shape: train_step.train_step, 2 x 2048 tokens"
     timeout -k 15 330 "$PY" bench/bench_train.py --shape 13b --steps 6 --warmup 2 \
         --variants plain,flex,flex_checkpointing,checkpointing,liger_flex,liger_flex_checkpointing,liger \
         --json "$OUT/bench_train_13b.json"

@@ -69,60 +69,38 @@ LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 # --deepspeed_config FILE.json replaces the whole dict.
 # bf16 is switched off automatically where the device lacks it (CPU runs train in fp32).
 # --------------------------------------------------------------------------------------------
-DS_CONFIG_lora = {
+# What both modes share: bf16, ZeRO stage 1, a linear warm-up over 300 steps (then constant: the seed's
+# schedule shape), gradient clipping at 1.0.
+_DS_SHARED = {
     "bf16": {"enabled": True},
-    "optimizer": {
-        "type": "AdamW",
-        "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
-    },
-    # linear warm-up from 0 to 3e-4 over 300 steps, then constant (the seed's schedule shape)
-    "scheduler": {
-        "type": "WarmupLR",
-        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 300, "warmup_type": "linear"},
-    },
-    "zero_optimization": {
-        "stage": 1,
-        "allgather_partitions": True,
-        "allgather_bucket_size": 2e8,
-        "reduce_scatter": True,
-        "reduce_bucket_size": 2e8,
-        "contiguous_gradients": True,
-    },
-    # 2 rows per GPU x 8 accumulation x 8 GPUs = 128 rows (262,144 tokens at 2048) per optimizer step
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 8,
     "gradient_clipping": 1.0,
     "steps_per_print": 1000000,  # finetune.py prints its own one-line-per-step log
     "wall_clock_breakdown": False,
 }
+_ZERO_1 = {"stage": 1, "allgather_partitions": True, "allgather_bucket_size": 2e8, "reduce_scatter": True,
+           "reduce_bucket_size": 2e8, "contiguous_gradients": True}
+_WARMUP = {"warmup_min_lr": 0.0, "warmup_num_steps": 300, "warmup_type": "linear"}
+
+DS_CONFIG_lora = {
+    **_DS_SHARED,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+    "scheduler": {"type": "WarmupLR", "params": {**_WARMUP, "warmup_max_lr": 3e-4}},   # from 0 to 3e-4
+    "zero_optimization": dict(_ZERO_1),
+    # 2 rows per GPU x 8 accumulation x 8 GPUs = 128 rows (262,144 tokens at 2048) per optimizer step
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 8,
+}
 
 DS_CONFIG_ft = {
-    "bf16": {"enabled": True},
-    "optimizer": {
-        "type": "AdamW",
-        "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0},
-    },
+    **_DS_SHARED,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
     # full fine-tuning moves every weight: a 30x smaller peak rate than LoRA
-    "scheduler": {
-        "type": "WarmupLR",
-        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-5, "warmup_num_steps": 300, "warmup_type": "linear"},
-    },
-    "zero_optimization": {
-        "stage": 1,
-        "allgather_partitions": True,
-        "allgather_bucket_size": 2e8,
-        "reduce_scatter": True,
-        "reduce_bucket_size": 2e8,
-        "contiguous_gradients": True,
-        # 13B x (fp32 master + 2 Adam moments) = 156 GB: kept in CPU memory, not on the GPUs
-        "offload_optimizer": {"device": "cpu", "pin_memory": True},
-    },
+    "scheduler": {"type": "WarmupLR", "params": {**_WARMUP, "warmup_max_lr": 1e-5}},
+    # 13B x (fp32 master + 2 Adam moments) = 156 GB: kept in CPU memory, not on the GPUs
+    "zero_optimization": {**_ZERO_1, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
     # 1 row per GPU x 16 accumulation x 8 GPUs = 128 rows per optimizer step, as in LoRA mode
     "train_micro_batch_size_per_gpu": 1,
     "gradient_accumulation_steps": 16,
-    "gradient_clipping": 1.0,
-    "steps_per_print": 1000000,
-    "wall_clock_breakdown": False,
 }
 
 # ---- Training (finetune.py) defaults not held by DeepSpeed

@@ -19,17 +19,12 @@ an existing non-empty --out is refused unless --overwrite.  Merging happens on t
 import argparse
 import os
 import shutil
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-import config  # noqa: E402
-import data_io  # noqa: E402
-import model_loader  # noqa: E402
-from data_io import DataError  # noqa: E402
+import config
+import data_io
+import model_loader
+from data_io import DataError
 
 
 def parse_args(argv=None):

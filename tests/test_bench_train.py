@@ -95,7 +95,7 @@ def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     assert plain["real_tokens"] == ckpt["real_tokens"]
     probe = report["attention_probe"]
     assert probe["block_mask"]["default"] > 0 and probe["causal_no_mask"]["default"] > 0
-    # the DeepSpeed config is finetune.resolve_ds_config's (config.DS_CONFIG_lora with the overrides)
+    # the DeepSpeed config is distributed.resolve_ds_config's (config.DS_CONFIG_lora with the overrides)
     ds = report["deepspeed_config"]
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 1
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"] == {"enabled": False}

@@ -4,7 +4,11 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 
@@ -13,7 +17,9 @@ from conftest import REPO, SAMPLE_PKL, run_script
 import config
 import data_io
 import dataset
+import distributed
 import finetune
+import train_step
 
 MAX_LENGTH = 256
 LORA_EPOCHS = 8
@@ -55,6 +61,48 @@ def greedy_answer(model, tokenizer, history, query):
     return result.response
 
 
+def kill_process_tree(proc, timeout=60):
+    """SIGKILL ``proc`` (a Popen) and every process below it, and wait until they are gone.
+
+    torchrun's and deepspeed's ranks start in process sessions of their own, so killing the launcher's
+    process group does not reach them: they are found by walking the children (before the launcher
+    dies and they are re-parented)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    proc.kill()   # first, so that no new rank is started
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    for child in descendants:   # not our children: gone, or a zombie left for init to reap
+        while time.time() < deadline:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+
+
+def run_launcher(command, env=None, timeout=900):
+    """Run a launcher (finetune.sh, torchrun) from the repo root to its end; whatever happens (a time-out, an
+    interrupted test), none of its processes outlives the call.  Returns a CompletedProcess (text output)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    full_env.update(env or {})
+    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_process_tree(proc)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def assert_memorised(model, tokenizer, dialogues):
     canned = dialogues[0]
     first = greedy_answer(model, tokenizer, [], canned[0]["instruction"])
@@ -73,16 +121,15 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    env = dict(os.environ, GPUS="0,1", MASTER_PORT="29731", MODEL_PATH=tiny_model_dir, DATA_PATH=lora_data,
-               SAVE_DIR=str(tmp_path / "ckp"), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    import subprocess
+    env = dict(GPUS="0,1", MASTER_PORT="29731", MODEL_PATH=tiny_model_dir, DATA_PATH=lora_data,
+               SAVE_DIR=str(tmp_path / "ckp"))
     args = ["--max_length", str(MAX_LENGTH), "--micro_batch_size", "1", "--grad_accum", "2", "--lr", "1e-2",
             "--warmup_steps", "5", "--lora_dropout", "0", "--no_progress", "--seed", "1", "--lr_schedule", "linear"]
-    proc = subprocess.run(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_launcher(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS)], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "attention: PyTorch SDPA (the flash_attn package is not installed" in proc.stdout
     assert "ranks: 2" in proc.stdout
+    assert "effective configuration" not in proc.stdout     # saved to training_config.json, printed on request only
     run_dir = tmp_path / "ckp" / "llama_lora"
     history = losses(run_dir)
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
@@ -111,9 +158,8 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     assert_memorised(model, tokenizer, small_dialogues())
     # the README's resume command: one more epoch, continuing from the newest checkpoint
     steps_done = len(history)
-    proc = subprocess.run(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS + 1),
-                                                             "--resume_from", "latest"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_launcher(["bash", "finetune.sh"] + args + ["--max_epoches", str(LORA_EPOCHS + 1),
+                                                          "--resume_from", "latest"], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resuming from {final}: step {steps_done}, epoch {LORA_EPOCHS}, step 0" in proc.stdout
     steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -128,9 +174,11 @@ def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
     proc = run_script(["code/finetune.py", "--model_path", tiny_model_dir, "--data_path", data,
                        "--dataset_type", "DatasetIds", "--max_length", str(MAX_LENGTH), "--max_epoches", "4",
                        "--save_dir", str(tmp_path / "ckp"), "--save_name", "full", "--micro_batch_size", "4",
-                       "--grad_accum", "1", "--lr", "3e-3", "--warmup_steps", "5", "--no_progress", "--seed", "1"])
+                       "--grad_accum", "1", "--lr", "3e-3", "--warmup_steps", "5", "--no_progress", "--seed", "1",
+                       "--print_config"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "added '<end>' as token" in proc.stdout and "ranks: 1" in proc.stdout
+    assert "effective configuration:" in proc.stdout      # --print_config
     run_dir = tmp_path / "ckp" / "full"
     history = losses(run_dir)
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
@@ -162,7 +210,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, lora_data
     weights = {}
     for name, args in runs.items():
         args = args + ["--save_dir", str(tmp_path), "--save_name", name]
-        proc = run_script(args)
+        proc = run_launcher([sys.executable] + args, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         weights[name] = lora_weights(tmp_path / name / f"{name}_epoch0")
     reference = weights["one_rank_mb2"]
@@ -194,11 +242,11 @@ def test_packed_row_loss_equals_samples_run_alone(tiny_model_dir, tiny_tokenizer
                            packed["sample_starts"][0], 512)
     batch = {k: v.unsqueeze(0) for k, v in row.items()}
     with torch.no_grad():
-        loss_sum, count = finetune.forward_loss_sum(model, batch, "sdpa", torch.float32)
+        loss_sum, count = train_step.forward_loss_sum(model, batch, "sdpa", torch.float32)
         alone_sum, alone_count = 0.0, 0
         for ids, labels in samples:
             single = dataset.row_item(ids, labels, [1] * len(ids), [0], len(ids))
-            s, n = finetune.forward_loss_sum(model, {k: v.unsqueeze(0) for k, v in single.items()}, "sdpa", torch.float32)
+            s, n = train_step.forward_loss_sum(model, {k: v.unsqueeze(0) for k, v in single.items()}, "sdpa", torch.float32)
             alone_sum, alone_count = alone_sum + float(s), alone_count + n
         assert count == alone_count
         assert abs(float(loss_sum) / count - alone_sum / alone_count) < 1e-4
@@ -300,7 +348,7 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, 
 
     def loss_and_grads(chunk):
         model.zero_grad()
-        loss_sum, count = finetune.forward_loss_sum(model, batch, "sdpa", torch.float32, loss_chunk=chunk)
+        loss_sum, count = train_step.forward_loss_sum(model, batch, "sdpa", torch.float32, loss_chunk=chunk)
         loss_sum.backward()
         return loss_sum.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -354,10 +402,10 @@ def test_lr_schedules_fall_to_zero_at_the_last_step():
 
     args = finetune.parse_args(["--use_lora", "--model_path", "m", "--data_path", "d", "--lr", "2e-3",
                                 "--warmup_steps", "10"])
-    ds = finetune.resolve_ds_config(args, "fp32", torch.device("cpu"))
-    assert finetune.with_lr_schedule(ds, "constant", 100) == ds
+    ds = distributed.resolve_ds_config(args, "fp32", torch.device("cpu"))
+    assert distributed.with_lr_schedule(ds, "constant", 100) == ds
     for schedule, cls in (("linear", WarmupDecayLR), ("cosine", WarmupCosineLR)):
-        section = finetune.with_lr_schedule(ds, schedule, 100)["scheduler"]
+        section = distributed.with_lr_schedule(ds, schedule, 100)["scheduler"]
         assert section["type"] == cls.__name__
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
         scheduler = cls(optimizer, **section["params"])
@@ -372,3 +420,21 @@ def test_lr_schedules_fall_to_zero_at_the_last_step():
     with pytest.raises(SystemExit):
         finetune.parse_args(["--use_lora", "--model_path", "m", "--data_path", "d", "--deepspeed_config", "x.json",
                              "--lr_schedule", "cosine"])
+
+
+def test_deepspeed_configs_keep_their_values():
+    """config.py writes the shared part of the two DeepSpeed configs once; the resolved dicts stay the seed's."""
+    zero = {"stage": 1, "allgather_partitions": True, "allgather_bucket_size": 2e8, "reduce_scatter": True,
+            "reduce_bucket_size": 2e8, "contiguous_gradients": True}
+    shared = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "steps_per_print": 1000000,
+              "wall_clock_breakdown": False}
+    warmup = {"warmup_min_lr": 0.0, "warmup_num_steps": 300, "warmup_type": "linear"}
+    assert config.DS_CONFIG_lora == dict(
+        shared, zero_optimization=zero, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=8,
+        optimizer={"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+        scheduler={"type": "WarmupLR", "params": dict(warmup, warmup_max_lr=3e-4)})
+    assert config.DS_CONFIG_ft == dict(
+        shared, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=16,
+        zero_optimization=dict(zero, offload_optimizer={"device": "cpu", "pin_memory": True}),
+        optimizer={"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
+        scheduler={"type": "WarmupLR", "params": dict(warmup, warmup_max_lr=1e-5)})

@@ -4,8 +4,8 @@ disk stop before training.
 
 The kill points are chosen by a small wrapper around code/finetune.py (written by the tests): after the
 checkpoint of a given step is complete, or while a given checkpoint is half written, every rank hangs
-and leaves a marker file; the test then sends SIGKILL to the whole process group (torchrun and its
-ranks), as a pre-emption would.
+and leaves a marker file; the test then sends SIGKILL to torchrun and every one of its ranks
+(test_finetune.kill_process_tree), as a pre-emption would.
 """
 import json
 import os
@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from conftest import CODE, REPO, run_script
-from test_finetune import MAX_LENGTH, convert, lora_weights, small_dialogues
+from test_finetune import MAX_LENGTH, convert, kill_process_tree, lora_weights, small_dialogues
 
+import checkpoints
 import finetune
 
 WRAPPER = textwrap.dedent(f"""
     import os, sys, time
     sys.path.insert(0, {CODE!r})
-    import config, data_io, finetune
+    import checkpoints, config, data_io, finetune
 
     hang_after = int(os.environ.get("HANG_AFTER_STEP", "0"))      # after this step's checkpoint is complete
     hang_inside = int(os.environ.get("HANG_INSIDE_STEP", "0"))    # while this step's checkpoint is half written
@@ -40,13 +41,13 @@ WRAPPER = textwrap.dedent(f"""
         time.sleep(600)
 
 
-    original_save, original_write_json = finetune.save_checkpoint, data_io.atomic_write_json
+    original_save, original_write_json = checkpoints.save_checkpoint, data_io.atomic_write_json
 
 
     def save_checkpoint(path, engine, model, tokenizer, record, progress, rank_, device):
         if progress["global_step"] == hang_inside:
             def write_json(target, obj):
-                if target.endswith(finetune.PROGRESS_FILE):   # the export and the engine state are written
+                if target.endswith(checkpoints.PROGRESS_FILE):   # the export and the engine state are written
                     hang("inside")
                 original_write_json(target, obj)
             data_io.atomic_write_json = write_json
@@ -55,7 +56,7 @@ WRAPPER = textwrap.dedent(f"""
             hang("after")
 
 
-    finetune.save_checkpoint = save_checkpoint
+    checkpoints.save_checkpoint = save_checkpoint
     finetune.main()
 """)
 
@@ -92,22 +93,25 @@ def start(command, marker_dir, **env):
 
 
 def kill_when_hanging(proc, marker_dir, what, ranks=2, timeout=300):
-    """Wait until every rank hangs at the kill point, then SIGKILL the whole process group."""
+    """Wait until every rank hangs at the kill point, then SIGKILL torchrun and its ranks."""
     deadline = time.time() + timeout
     while not all((marker_dir / f"{what}_rank{r}").exists() for r in range(ranks)):
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before the kill point:\n{proc.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_tree(proc)
             raise AssertionError("the run never reached the kill point")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_process_tree(proc)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL or proc.returncode != 0
 
 
 def finish(proc, timeout=600):
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_process_tree(proc)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -133,16 +137,16 @@ def test_killed_run_resumes_exactly_and_a_half_written_checkpoint_never_becomes_
     proc = start(torchrun(wrapper, lora_args(tiny_model_dir, data, killed_dir), 29812), markers, HANG_AFTER_STEP=4)
     kill_when_hanging(proc, markers, "after")
     run_dir = killed_dir / "run"
-    assert finetune.find_latest_checkpoint(str(run_dir)) == str(run_dir / "run_4")
+    assert checkpoints.find_latest_checkpoint(str(run_dir)) == str(run_dir / "run_4")
 
     # resumed, and killed again while the checkpoint of step 6 is half written
     resume = lora_args(tiny_model_dir, data, killed_dir) + ["--resume_from", "latest"]
     proc = start(torchrun(wrapper, resume, 29813), markers, HANG_INSIDE_STEP=6)
     kill_when_hanging(proc, markers, "inside", ranks=1)   # rank 0 writes the files; rank 1 waits for it
-    half_written = run_dir / (finetune.TMP_PREFIX + "run_6")
+    half_written = run_dir / (checkpoints.TMP_PREFIX + "run_6")
     assert (half_written / "adapter_model.safetensors").is_file()        # it really was mid-write
     assert not (run_dir / "run_6").exists()
-    assert finetune.find_latest_checkpoint(str(run_dir)) == str(run_dir / "run_4")
+    assert checkpoints.find_latest_checkpoint(str(run_dir)) == str(run_dir / "run_4")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run_dir / "run_4"))
@@ -195,10 +199,10 @@ def test_bad_resumes_and_a_full_disk_stop_before_training(tiny_model_dir, resume
     work, data, wrapper = resume_setup
     base = ["code/finetune.py"] + lora_args(tiny_model_dir, data, tmp_path / "ckp")
     # nothing to resume from yet; a folder that is no checkpoint; a conflicting flag
-    with pytest.raises(finetune.DataError, match="--resume_from latest: no complete checkpoint"):
-        finetune.resolve_resume_dir(finetune.parse_args(base[1:] + ["--resume_from", "latest"]))
-    with pytest.raises(finetune.DataError, match="not a complete checkpoint"):
-        finetune.resolve_resume_dir(finetune.parse_args(base[1:] + ["--resume_from", str(tmp_path)]))
+    with pytest.raises(checkpoints.DataError, match="--resume_from latest: no complete checkpoint"):
+        checkpoints.resolve_resume_dir(finetune.parse_args(base[1:] + ["--resume_from", "latest"]))
+    with pytest.raises(checkpoints.DataError, match="not a complete checkpoint"):
+        checkpoints.resolve_resume_dir(finetune.parse_args(base[1:] + ["--resume_from", str(tmp_path)]))
     with pytest.raises(SystemExit) as exit_info:
         finetune.parse_args(base[1:] + ["--resume_from", "latest", "--load_lora", "--load_lora_path", "x"])
     assert exit_info.value.code == 2 and "drop one of them" in capsys.readouterr().err
@@ -210,7 +214,7 @@ def test_bad_resumes_and_a_full_disk_stop_before_training(tiny_model_dir, resume
                          "--grad_accum", "2", "4")
     # a state file that holds an arbitrary object (code run on unpickling) is refused, and never runs
     evil_target = tmp_path / "pwned"
-    state_file = checkpoint / finetune.STATE_DIR / finetune.ENGINE_TAG / "mp_rank_00_model_states.pt"
+    state_file = checkpoint / checkpoints.STATE_DIR / checkpoints.ENGINE_TAG / "mp_rank_00_model_states.pt"
     payload = textwrap.dedent(f"""
         import os, torch
         class Evil:

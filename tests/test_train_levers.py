@@ -27,6 +27,7 @@ import config
 import dataset
 import finetune
 import model_loader
+import train_step
 from model_loader import LoaderError
 
 LENGTH = 256
@@ -107,13 +108,13 @@ def test_flex_forward_loss_equals_sdpa_block_mask_and_samples_stay_apart():
     sdpa, flex = tiny_models()
     batch, starts = packed_batch()
     with torch.no_grad(), flex_uncompiled():
-        ref_sum, ref_count = finetune.forward_loss_sum(sdpa, batch, "sdpa", torch.float32)
-        flex_sum, flex_count = finetune.forward_loss_sum(flex, batch, "flex_attention", torch.float32)
+        ref_sum, ref_count = train_step.forward_loss_sum(sdpa, batch, "sdpa", torch.float32)
+        flex_sum, flex_count = train_step.forward_loss_sum(flex, batch, "flex_attention", torch.float32)
         assert flex_count == ref_count > 50
         assert abs(float(flex_sum) - float(ref_sum)) <= 1e-5 * abs(float(ref_sum))
 
         def hidden(model, impl, input_ids):
-            mask = finetune.attention_mask_for(impl, batch["position_ids"], torch.float32)
+            mask = train_step.attention_mask_for(impl, batch["position_ids"], torch.float32)
             return model.model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                                use_cache=False).last_hidden_state
 
