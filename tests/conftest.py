@@ -141,6 +141,21 @@ def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
     return proc
 
 
+def run_launcher(command, env=None, timeout=900):
+    """Run a launcher (finetune.sh, torchrun) from the repo root to its end; whatever happens (a time-out, an
+    interrupted test), none of its processes outlives the call.  Returns a CompletedProcess (text output)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    full_env.update(env or {})
+    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def load_script(relative_path):
     """Import a script of the repo (e.g. bench/bench_train.py) as a module, to test its functions."""
     path = os.path.join(REPO, relative_path)

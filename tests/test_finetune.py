@@ -8,11 +8,10 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE_PKL, run_script
+from conftest import REPO, SAMPLE_PKL, run_launcher, run_script
 
 import config
 import data_io
@@ -59,48 +58,6 @@ def greedy_answer(model, tokenizer, history, query):
     result = chat.start_reply(model, tokenizer, history, query, settings).result()
     assert result.finish_reason == "stop", result
     return result.response
-
-
-def kill_process_tree(proc, timeout=60):
-    """SIGKILL ``proc`` (a Popen) and every process below it, and wait until they are gone.
-
-    torchrun's and deepspeed's ranks start in process sessions of their own, so killing the launcher's
-    process group does not reach them: they are found by walking the children (before the launcher
-    dies and they are re-parented)."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    proc.kill()   # first, so that no new rank is started
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=timeout)
-    deadline = time.time() + timeout
-    for child in descendants:   # not our children: gone, or a zombie left for init to reap
-        while time.time() < deadline:
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.05)
-
-
-def run_launcher(command, env=None, timeout=900):
-    """Run a launcher (finetune.sh, torchrun) from the repo root to its end; whatever happens (a time-out, an
-    interrupted test), none of its processes outlives the call.  Returns a CompletedProcess (text output)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    full_env.update(env or {})
-    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        kill_process_tree(proc)
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def assert_memorised(model, tokenizer, dialogues):

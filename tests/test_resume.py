@@ -5,7 +5,7 @@ disk stop before training.
 The kill points are chosen by a small wrapper around code/finetune.py (written by the tests): after the
 checkpoint of a given step is complete, or while a given checkpoint is half written, every rank hangs
 and leaves a marker file; the test then sends SIGKILL to torchrun and every one of its ranks
-(test_finetune.kill_process_tree), as a pre-emption would.
+(conftest.kill_tree), as a pre-emption would.
 """
 import json
 import os
@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from conftest import CODE, REPO, run_script
-from test_finetune import MAX_LENGTH, convert, kill_process_tree, lora_weights, small_dialogues
+from conftest import CODE, REPO, kill_tree, run_script
+from test_finetune import MAX_LENGTH, convert, lora_weights, small_dialogues
 
 import checkpoints
 import finetune
@@ -99,10 +99,10 @@ def kill_when_hanging(proc, marker_dir, what, ranks=2, timeout=300):
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before the kill point:\n{proc.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            kill_process_tree(proc)
+            kill_tree(proc.pid)
             raise AssertionError("the run never reached the kill point")
         time.sleep(0.2)
-    kill_process_tree(proc)
+    kill_tree(proc.pid)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL or proc.returncode != 0
 
@@ -111,7 +111,7 @@ def finish(proc, timeout=600):
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
-        kill_process_tree(proc)
+        kill_tree(proc.pid)
     assert proc.returncode == 0, out[-4000:]
     return out
 
