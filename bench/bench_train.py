@@ -329,7 +329,7 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
             "--no_progress"] + VARIANTS[name]
     args = finetune.parse_args(argv)
     precision = model_loader.training_precision(args.precision, device)
-    dtype = model_loader.TRAINING_DTYPES[precision]
+    dtype = model_loader.FLOAT_DTYPES[precision]
     ds_config = finetune.resolve_ds_config(args, precision, device)
     result = {"variant": name, "flags": VARIANTS[name], "precision": precision,
               "gradient_checkpointing": args.gradient_checkpointing, "lora_dropout": args.lora_dropout,
@@ -686,7 +686,7 @@ def main(argv=None):
             rows = dataset.DatasetIds(None, data_io.safe_load_pickle(data_path), opts.seq_len)
             position_ids = torch.stack([rows[i]["position_ids"] for i in range(opts.micro_batch_size)])
             report["attention_probe"] = attention_probe(shape, opts.seq_len, opts.micro_batch_size,
-                                                        model_loader.TRAINING_DTYPES[ran[0]["precision"]], device, position_ids)
+                                                        model_loader.FLOAT_DTYPES[ran[0]["precision"]], device, position_ids)
 
     losses_agree = compare_losses(results, opts.loss_tol)
     failed = [r for r in results if "error" in r]

@@ -784,7 +784,7 @@ def main(argv=None):
     try:
         check_inputs(args)
         precision = model_loader.training_precision(args.precision, device)
-        dtype = model_loader.TRAINING_DTYPES[precision]
+        dtype = model_loader.FLOAT_DTYPES[precision]
         ds_config = resolve_ds_config(args, precision, device)
         # kernels that cannot run here stop the run before anything is loaded
         attn_implementation, attn_note = model_loader.training_attention(args.attention, device)
