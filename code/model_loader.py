@@ -28,10 +28,12 @@ import os
 import warnings
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CompileConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CompileConfig,
+                          TorchAoConfig)
 
 import config
 import data_io
+import demo_model
 from adapter_check import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weight_shapes,  # noqa: F401  (re-exported)
                            check_adapter_fits, is_adapter_dir, read_adapter_config)
 from fused_kernels import LIGER_CHOICES, LIGER_PACKAGE, apply_liger, check_liger  # noqa: F401  (re-exported)
@@ -148,8 +150,6 @@ def model_load_kwargs(quant, device, device_given, attn_implementation=None, fas
         if not torchao_available():
             raise LoaderError("--fast --quant int8 needs torchao (int8 weight-only kernels), which is not installed: "
                               "`pip install torchao`, or drop --fast for bitsandbytes int8")
-        from transformers import TorchAoConfig
-
         kwargs["quantization_config"] = TorchAoConfig(fast_int8_config())
         kwargs["dtype"] = compute_dtype(device)
         kwargs["device_map"] = device_map
@@ -157,8 +157,6 @@ def model_load_kwargs(quant, device, device_given, attn_implementation=None, fas
         if not bitsandbytes_available():
             raise LoaderError(f"--quant {quant} needs bitsandbytes, which is not installed: "
                               f"`pip install bitsandbytes`, or use --quant bf16/fp16 (GPU) or fp32 (CPU)")
-        from transformers import BitsAndBytesConfig
-
         if quant == "int8":
             # the seed: load_in_8bit with fp16 for the layers bitsandbytes keeps in floating point
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -365,8 +363,6 @@ def model_choice(args):
 def load_from_args(args, notice=data_io.note):
     """(model, tokenizer) for parsed model flags; --demo builds the toy model first when needed."""
     if getattr(args, "demo", False):
-        import demo_model
-
         model_path, lora_path = demo_model.ensure_demo_model(args.demo_dir), None
         quant, device = "fp32", args.device or "cpu"
     else:
