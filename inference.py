@@ -38,10 +38,9 @@ import json
 import os
 import sys
 
+import transformers
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "code"))
-
-import transformers  # noqa: E402
-
 import chat  # noqa: E402
 import config  # noqa: E402
 import data_io  # noqa: E402

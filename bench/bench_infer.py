@@ -55,14 +55,13 @@ import threading
 import time
 import traceback
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StoppingCriteriaList
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 # code/ for the project's modules; bench/ for bench_train also when this file is loaded by its path (tests)
 sys.path[:0] = [os.path.join(REPO, "code"), BENCH]
-
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StoppingCriteriaList  # noqa: E402
-
 import build_tiny_model  # noqa: E402
 import chat  # noqa: E402
 import config  # noqa: E402
