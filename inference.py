@@ -38,16 +38,15 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CODE = os.path.join(HERE, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
+import transformers
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "code"))
+import chat  # noqa: E402
 import config  # noqa: E402
 import data_io  # noqa: E402
-from data_io import DataError  # noqa: E402
-
+import demo_model  # noqa: E402
 import model_loader  # noqa: E402
+from data_io import DataError, note  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,25 +108,9 @@ def parse_args(argv=None):
     return args
 
 
-def settings_from(args, demo=False):
-    import chat
-
-    overrides = dict(config.DEMO["generation"]) if demo else {}
-    if args.greedy:
-        overrides["do_sample"] = False
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    return chat.generation_settings(**overrides)
-
-
 # --------------------------------------------------------------------------------------------------
 # running the conversation
 # --------------------------------------------------------------------------------------------------
-def note(message):
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
 class TurnWriter:
     """--output_file: one JSON object per turn, written (and flushed) as each turn ends."""
 
@@ -233,21 +216,18 @@ def main(argv=None):
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    import chat
 
     writer = None
     try:
         writer = TurnWriter(args.output_file)   # a bad path fails before minutes of loading
         model, tokenizer = model_loader.load_from_args(args)
         if args.seed is not None:
-            from transformers import set_seed
-
-            set_seed(args.seed)
+            transformers.set_seed(args.seed)
         if args.demo:
-            import demo_model
-
             print(demo_model.toy_notice(model), flush=True)
-        session = chat.Chat(model, tokenizer, settings_from(args, demo=args.demo), memory_limit=args.memory_limit)
+        settings = chat.user_settings(chat.default_settings(args.demo), 0 if args.greedy else args.temperature,
+                                      args.top_p, args.top_k, args.repetition_penalty, args.max_new_tokens)
+        session = chat.Chat(model, tokenizer, settings, memory_limit=args.memory_limit)
         if args.interactive:
             interactive(session, writer, args.show_prompt)
         else:

@@ -42,6 +42,8 @@ every variant, so a time-out keeps what was measured.
 import argparse
 import datetime
 import gc
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import resource
@@ -51,14 +53,19 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODE = os.path.join(REPO, "code")
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StoppingCriteriaList
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
-for path in (CODE, BENCH):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
+REPO = os.path.dirname(BENCH)
+# code/ for the project's modules; bench/ for bench_train also when this file is loaded by its path (tests)
+sys.path[:0] = [os.path.join(REPO, "code"), BENCH]
+import build_tiny_model  # noqa: E402
+import chat  # noqa: E402
+import config  # noqa: E402
+import model_loader  # noqa: E402
 # the model shapes (13B: LLaMA-13B with CuteGPT's vocabulary, the shape of the H200 baseline), the machine
 # description and the JSON writer are bench_train's: training and inference are measured and recorded alike
 from bench_train import machine_info, shape_of, write_json  # noqa: E402
@@ -79,11 +86,10 @@ NEEDS = {"int8": "bitsandbytes", "nf4": "bitsandbytes", "int8_fast": "torchao", 
 PLAIN_OF = {"int8_fast": "int8", "int8_fast_loader": "int8", "bf16_fast": "bf16", "fp32_fast": "fp32"}
 DEFAULT_VARIANTS = {"tiny": "fp32,fp32_fast,int8_fast", "13b": "int8_fast,bf16_fast,bf16,int8,nf4"}
 
-# /work/shared/bench/h200_hf_baseline.json: plain transformers generate on one H200, 13B shape, random
-# weights, batch 1 (bf16 also batch 16), 512-token prompt, greedy
+# the baseline: plain transformers generate on one H200, 13B shape, random weights, batch 1 (bf16 also
+# batch 16), 512-token prompt, greedy
 BASELINE = {
-    "source": "/work/shared/bench/h200_hf_baseline.json (gpu_anchors.py, torch 2.11, transformers 5.17, "
-              "bitsandbytes 0.50.2)",
+    "source": "plain transformers generate on one H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2)",
     "int8": {"decode_tokens_per_s": 3.28, "prefill_s": 0.3354, "peak_mem_GiB": 13.55},
     "nf4": {"decode_tokens_per_s": 14.18, "prefill_s": 0.0716, "peak_mem_GiB": 7.33},
     "bf16": {"decode_tokens_per_s": 8.82, "prefill_s": 1.0626, "peak_mem_GiB": 25.23},
@@ -99,9 +105,6 @@ def say(*args):
 
 def check_packages(variant_list):
     """Versions of what is installed; exit 2 naming any package a requested variant needs."""
-    import importlib.metadata
-    import importlib.util
-
     versions, missing = {}, []
     for name in ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "torchao", "peft"):
         versions[name] = None
@@ -131,8 +134,6 @@ def check_packages(variant_list):
 def prepare_model_dir(shape, directory, tokenizer_dir):
     """config.json of the shape + the tokenizer files: what --model_path points at (weights added later
     by save_random_weights when a variant loads them)."""
-    from transformers import LlamaConfig
-
     os.makedirs(directory, exist_ok=True)
     LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                 intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
@@ -148,8 +149,6 @@ def prepare_model_dir(shape, directory, tokenizer_dir):
 
 def build_tokenizer(directory):
     """The tiny model of code/build_tiny_model.py (its SentencePiece tokenizer is the one used)."""
-    import build_tiny_model
-
     if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
         build_tiny_model.main(["--data", os.path.join(REPO, "data", "test", "ift_data.pkl"), "--out", directory])
     return directory
@@ -157,9 +156,6 @@ def build_tokenizer(directory):
 
 def random_model(model_dir, device, dtype, seed):
     """A model of the directory's config with random weights, built directly on ``device``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
@@ -172,8 +168,6 @@ def has_weights(model_dir):
 
 def save_random_weights(model_dir, device, seed):
     """Random weights (bf16 on a GPU, fp32 on a CPU) saved into ``model_dir`` once, for the loader."""
-    import torch
-
     if has_weights(model_dir):
         return 0.0
     start = time.perf_counter()
@@ -188,10 +182,7 @@ def save_random_weights(model_dir, device, seed):
 def quantize_in_memory(model):
     """int8_fast on weights built in memory: torchao's quantize_ with the loader's config on every
     linear layer but the output layer (what transformers' TorchAoConfig converts by default)."""
-    import torch
     from torchao.quantization import quantize_
-
-    import model_loader
 
     output = model.get_output_embeddings()
     quantize_(model, model_loader.fast_int8_config(),
@@ -201,8 +192,6 @@ def quantize_in_memory(model):
 
 def load_variant(name, model_dir, device, seed):
     """(model, tokenizer, how) for a variant."""
-    import model_loader
-
     quant, fast, source = VARIANTS[name]
     if source == "loader":
         model, tokenizer = model_loader.load_model_and_tokenizer(model_dir, quant=quant, device=str(device),
@@ -228,30 +217,22 @@ def load_variant(name, model_dir, device, seed):
 # timing
 # ----------------------------------------------------------------------------------------------
 def sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def free_memory(device):
-    import torch
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def reset_peak(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device):
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -260,11 +241,6 @@ def peak_memory(device):
 def generate_ids(model, tokenizer, input_ids, new_tokens):
     """Generated ids (batch, new) through the real path: chat.Reply at batch 1, else model.generate
     with chat's arguments and stop criterion in a fresh thread."""
-    import torch
-    from transformers import StoppingCriteriaList
-
-    import chat
-
     settings = chat.generation_settings(do_sample=False, max_new_tokens=new_tokens)
     if input_ids.shape[0] == 1:
         prepared = chat.Prompt(input_ids[0].tolist(), 0, "", False)
@@ -292,10 +268,6 @@ def generate_ids(model, tokenizer, input_ids, new_tokens):
 
 
 def time_batch(model, tokenizer, device, batch, prompt_len, new_tokens, seed, low_id=3):
-    import torch
-
-    import model_loader
-
     gen = torch.Generator().manual_seed(seed + batch)
     high = min(len(tokenizer), model.config.vocab_size)
     input_ids = torch.randint(low_id, high, (batch, prompt_len), generator=gen).to(model_loader.input_device(model))
@@ -320,10 +292,6 @@ def time_batch(model, tokenizer, device, batch, prompt_len, new_tokens, seed, lo
 
 
 def run_variant(name, opts, model_dir, device):
-    import torch
-
-    import model_loader
-
     quant, fast, source = VARIANTS[name]
     result = {"variant": name, "quant": quant, "fast": fast}
     free_memory(device)
@@ -434,53 +402,44 @@ def parse_args(argv=None):
     return opts
 
 
-def main(argv=None):
-    opts = parse_args(argv)
-    started = time.perf_counter()
-    versions = check_packages(opts.variant_list)
-    import torch
-
-    import model_loader
-
+def check_run(opts):
+    """The torch.device of the run, or an error line (exit 2) when the options cannot run here."""
     try:
         device = torch.device(model_loader.resolve_device(opts.device))
     except model_loader.LoaderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None, str(e)
     if opts.shape == "13b" and device.type != "cuda":
-        print("error: --shape 13b needs a CUDA GPU; use --shape tiny on a CPU", file=sys.stderr)
-        return 2
-    shape = shape_of(opts.shape)
-    if opts.prompt_len + opts.new_tokens > shape["max_position_embeddings"]:
-        print(f"error: --prompt_len + --new_tokens must fit the context of {shape['max_position_embeddings']} "
-              f"tokens", file=sys.stderr)
-        return 2
-    machine = machine_info(device)
-    memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
-    import config
+        return None, "--shape 13b needs a CUDA GPU; use --shape tiny on a CPU"
+    context = shape_of(opts.shape)["max_position_embeddings"]
+    if opts.prompt_len + opts.new_tokens > context:
+        return None, f"--prompt_len + --new_tokens must fit the context of {context} tokens"
+    return device, None
 
-    say(f"device: {device} ({machine.get('gpu') or platform.processor()}); shape {opts.shape}: {shape}; "
-        f"prompt {opts.prompt_len} tokens, {opts.new_tokens} new, batch sizes {opts.batch_list}; "
-        f"fast path: {config.FAST}")
-    results = []
-    report = {
+
+def new_report(opts, argv, versions, device, machine, memory_unit):
+    """The JSON report before any variant ran (rewritten after each one)."""
+    return {
         "benchmark": "bench/bench_infer.py",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python bench/bench_infer.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine, "versions": dict(versions, torch=torch.__version__), "device": str(device),
-        "shape_name": opts.shape, "shape": shape, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
-        "batch_sizes": opts.batch_list, "seed": opts.seed, "fast_config": config.FAST, "memory": memory_unit,
-        "baseline": None, "targets": TARGETS, "complete": False, "variants": results, "wall_s": None,
+        "shape_name": opts.shape, "shape": shape_of(opts.shape), "prompt_len": opts.prompt_len,
+        "new_tokens": opts.new_tokens, "batch_sizes": opts.batch_list, "seed": opts.seed, "fast_config": config.FAST,
+        "memory": memory_unit, "baseline": None, "targets": TARGETS, "complete": False, "variants": [],
+        "wall_s": None,
     }
+
+
+def run_variants(opts, device, report, started):
+    """Every variant in order on one model directory; a failing variant is recorded and the next runs."""
+    results = report["variants"]
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         tokenizer_dir = build_tokenizer(os.path.join(tmp, "tiny_tokenizer"))
-        model_dir = prepare_model_dir(shape, opts.weights_dir or os.path.join(tmp, "model"), tokenizer_dir)
+        model_dir = prepare_model_dir(report["shape"], opts.weights_dir or os.path.join(tmp, "model"), tokenizer_dir)
         for name in opts.variant_list:
             try:
                 result = run_variant(name, opts, model_dir, device)
             except Exception as e:   # e.g. out of memory: record it, free, and go on with the next variant
-                import traceback
-
                 traceback.print_exc()
                 result = {"variant": name, "error": f"{type(e).__name__}: {e}"[:2000]}
             results.append(result)
@@ -489,16 +448,24 @@ def main(argv=None):
             report["wall_s"] = time.perf_counter() - started
             write_json(opts.json, report)   # what is measured so far survives a later crash or time-out
 
-    if opts.shape == "13b" and device.type == "cuda" and opts.prompt_len == 512:
-        report["baseline"] = BASELINE
-        for r in results:
-            ref = BASELINE.get(r["variant"].replace("_fast", "").replace("_loader", ""))
-            for f in r.get("batches", []):
-                if ref and f["batch"] == 1:
-                    f["vs_baseline_decode"] = f["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-    failed = [r for r in results if "error" in r]
+
+def add_baseline(report, opts, device):
+    """On the baseline's setting (13B shape, a GPU, 512-token prompts): each variant's batch-1 decode
+    speed against the plain transformers figure of its weights type."""
+    if not (opts.shape == "13b" and device.type == "cuda" and opts.prompt_len == 512):
+        return
+    report["baseline"] = BASELINE
+    for r in report["variants"]:
+        ref = BASELINE.get(r["variant"].replace("_fast", "").replace("_loader", ""))
+        for f in r.get("batches", []):
+            if ref and f["batch"] == 1:
+                f["vs_baseline_decode"] = f["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+
+
+def print_summary(report):
+    results = report["variants"]
     say("")
-    say(table(results, memory_unit))
+    say(table(results, report["memory"]))
     for r in results:
         vs = r.get("vs_plain")
         if vs:
@@ -512,6 +479,26 @@ def main(argv=None):
     if report["baseline"]:
         say(f"baseline (plain transformers, {BASELINE['source']}): " + ", ".join(
             f"{k} {v['decode_tokens_per_s']} tok/s" for k, v in BASELINE.items() if isinstance(v, dict)))
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    started = time.perf_counter()
+    versions = check_packages(opts.variant_list)
+    device, error = check_run(opts)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    machine = machine_info(device)
+    memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
+    say(f"device: {device} ({machine.get('gpu') or platform.processor()}); shape {opts.shape}: "
+        f"{shape_of(opts.shape)}; prompt {opts.prompt_len} tokens, {opts.new_tokens} new, batch sizes "
+        f"{opts.batch_list}; fast path: {config.FAST}")
+    report = new_report(opts, argv, versions, device, machine, memory_unit)
+    run_variants(opts, device, report, started)
+    add_baseline(report, opts, device)
+    print_summary(report)
+    failed = [r for r in report["variants"] if "error" in r]
     report.update(complete=not failed, wall_s=time.perf_counter() - started)
     write_json(opts.json, report)
     if opts.json:
@@ -520,7 +507,6 @@ def main(argv=None):
         print(f"error: variant(s) failed: {', '.join(r['variant'] for r in failed)}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,13 +11,11 @@
 #    static cache + CUDA graphs, the weights built on the GPU and quantized in memory as the loader does),
 #    bf16_fast, bf16 (plain) -> $OUT/bench_infer_13b_fast.json;
 # 5. 13B shape, the bitsandbytes baselines through the loader: int8 (the faithful default) and nf4, batch 1,
-#    32 new tokens (3.3 and 14 tokens/s in the baseline); saves the random weights once (26 GB, under
-#    $WEIGHTS, default /tmp/bench_infer_weights, removed at the end) -> $OUT/bench_infer_13b_bnb.json.
-# Everything printed also goes to $OUT/log.  Expected wall time on an H200: about 5-7 minutes (building a
-# 13B model on the GPU ~10-20 s, each compile of the decoding step ~30-90 s per batch size, bitsandbytes
-# int8 decoding ~20 s per call, saving + loading 26 GB ~1-2 min); the time-outs (60 s smoke, 270 s fast
-# variants, 180 s bitsandbytes) bound it near 8.5 minutes; each JSON is rewritten after each variant, so a
-# time-out keeps what was measured.  A missing package (torchao, bitsandbytes) is named by bench_infer.py
+#    32 new tokens; saves the random weights once (26 GB, under $WEIGHTS, default
+#    /tmp/bench_infer_weights, removed at the end) -> $OUT/bench_infer_13b_bnb.json.
+# Everything printed also goes to $OUT/log.  The time-outs (60 s smoke, 270 s fast variants, 180 s
+# bitsandbytes) bound the run near 8.5 minutes (BENCHMARKS.md has the measured times); each JSON is
+# rewritten after each variant, so a time-out keeps what was measured.  A missing package (torchao, bitsandbytes) is named by bench_infer.py
 # (exit 2) and the other step still runs.
 # Exit status: 0 when both 13B runs succeeded, else that of the first that did not (1 a variant failed,
 # 2 missing package / no GPU, 124 timed out).

@@ -17,7 +17,6 @@ History beyond ``memory_limit`` turns is not fed back (the seed's memory_limit =
 plus max_new_tokens would pass the model's context, the oldest turns are dropped, and if the query
 alone is still too long it is cut (its beginning is kept) with a notice.
 """
-import atexit
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import config
+import generation_worker
 import prompt
 from data_io import DataError
 from model_loader import input_device
@@ -53,6 +53,28 @@ def generation_settings(**overrides):
     if unknown:
         raise ChatError(f"unknown generation setting(s) {sorted(unknown)}; known: {sorted(settings)}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def default_settings(demo=False):
+    """The settings a front end starts from: config.GENERATION, with config.DEMO['generation'] for --demo."""
+    return generation_settings(**(config.DEMO["generation"] if demo else {}))
+
+
+def user_settings(defaults=None, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                  max_new_tokens=None):
+    """Generation settings from what a user set (flags, page controls, request fields): ``defaults``
+    (None: config.GENERATION) with each value given replaced.  temperature 0 means greedy decoding,
+    above 0 sampling at that temperature."""
+    settings = dict(defaults or generation_settings())
+    if temperature is not None:
+        settings["do_sample"] = temperature > 0
+        if temperature > 0:
+            settings["temperature"] = float(temperature)
+    for name, value, kind in (("top_p", top_p, float), ("top_k", top_k, int),
+                              ("repetition_penalty", repetition_penalty, float), ("max_new_tokens", max_new_tokens, int)):
+        if value is not None:
+            settings[name] = kind(value)
     return settings
 
 
@@ -253,50 +275,6 @@ class _ReplyStreamer(BaseStreamer):
         pass
 
 
-class _GenerationWorker:
-    """One long-lived thread runs every generate() of the process, one after the other.
-
-    Compiled CUDA graphs (--fast) are kept per thread by PyTorch, so a new thread for every answer
-    would record them again each time; one thread records them once.  At exit the thread is told to
-    end and joined (a thread of torch still alive while the interpreter shuts down can abort it); it
-    is a daemon, so an exit waits at most EXIT_WAIT_S for a generation still running."""
-
-    EXIT_WAIT_S = 10
-
-    def __init__(self):
-        self._jobs = queue.Queue()
-        self._thread = None
-        self._lock = threading.Lock()
-        self._exit_hook = False
-
-    def submit(self, job):
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="cutegpt-generate")
-                self._thread.start()
-            if not self._exit_hook:
-                atexit.register(self.stop)
-                self._exit_hook = True
-        self._jobs.put(job)
-
-    def stop(self):
-        with self._lock:
-            thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._jobs.put(None)
-            thread.join(self.EXIT_WAIT_S)
-
-    def _loop(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job()
-
-
-_GENERATION_WORKER = _GenerationWorker()
-
-
 class Reply:
     """One answer being generated.  Iterate for text pieces as they are produced (their
     concatenation is the final response); ``cancel()`` from any thread stops the generation at
@@ -320,7 +298,7 @@ class Reply:
         criteria = StopAtMarkerOrCancel(tokenizer, input_ids.shape[1], self.cancelled)
         generate_args = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              streamer=_ReplyStreamer(self), stopping_criteria=StoppingCriteriaList([criteria]), **kwargs)
-        _GENERATION_WORKER.submit(lambda: self._run(model, generate_args))
+        generation_worker.submit(lambda: self._run(model, generate_args))
 
     # -- generation (on the worker thread) -----------------------------------------------------
     def _run(self, model, kwargs):

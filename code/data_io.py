@@ -31,6 +31,11 @@ def fail(message, code=2):
     sys.exit(code)
 
 
+def note(message):
+    """Print one notice line for the user on stderr."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # restricted unpickling
 # ----------------------------------------------------------------------------------------------

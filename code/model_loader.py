@@ -6,134 +6,48 @@ benchmarks all call it, so a model runs the same way everywhere.
     model, tokenizer = load_model_and_tokenizer("XuYipei/kw-cutegpt-13b-base",
                                                 lora_path="Abbey4799/kw-cutegpt-13b-ift-lora", quant="int8")
 
-- Paths are local directories or Hugging Face ids.  An id is looked up in the local Hugging Face
-  cache first, then fetched when the Hub can be reached; otherwise ``LoaderError`` says what to do.
+- Paths are local directories or Hugging Face ids (model_paths.resolve_path).  An id is looked up in
+  the local Hugging Face cache first, then fetched when the Hub can be reached; otherwise
+  ``LoaderError`` says what to do.
 - ``quant``: int8 / nf4 (bitsandbytes, weights placed by accelerate's device map), bf16 / fp16 / fp32.
   Default: int8 where a CUDA GPU is visible (what the published 13B models were run with: about
   13.5 GiB, one 24 GB card), fp32 on a machine without one (with a one-line notice).
 - The tokenizer comes from the LoRA directory when it holds one (as the seed did), else from the
   model directory.
-- A LoRA adapter is checked against the base model before any weight is read: every adapted module
-  must exist with the shapes the adapter was trained for, and the tokenizer must fit the embedding
-  table.  Adapters saved by old peft (``adapter_model.bin`` + an ``adapter_config.json`` with keys
+- A LoRA adapter is checked against the base model before any weight is read (adapter_check): every
+  adapted module must exist with the shapes the adapter was trained for, and the tokenizer must fit
+  the embedding table.  Adapters saved by old peft (``adapter_model.bin`` + an ``adapter_config.json`` with keys
   today's peft no longer knows) load as they are.
 
 Every user mistake raises ``LoaderError`` (a ``data_io.DataError``) whose message names the flag and
 the fix; front ends print it with ``data_io.fail``.
 """
-import json
+import contextlib
+import logging
 import os
-import socket
-import sys
 import warnings
-from urllib.parse import urlparse
 
 import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CompileConfig,
+                          TorchAoConfig)
 
-from data_io import DataError
+import config
+import data_io
+import demo_model
+from adapter_check import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weight_shapes,  # noqa: F401  (re-exported)
+                           check_adapter_fits, is_adapter_dir, read_adapter_config)
+from fused_kernels import LIGER_CHOICES, LIGER_PACKAGE, apply_liger, check_liger  # noqa: F401  (re-exported)
+from model_paths import TOKENIZER_FILES, LoaderError, has_tokenizer, resolve_path  # noqa: F401  (re-exported)
 
 QUANT_CHOICES = ("int8", "nf4", "bf16", "fp16", "fp32")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# Seconds to wait for the Hugging Face Hub to answer a connection before calling it unreachable
-# (without this probe huggingface_hub retries for ~25 s before failing on an offline machine).
-HUB_PROBE_TIMEOUT_S = 5
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class LoaderError(DataError):
-    """A model, adapter or option given by the user cannot be used; the message says how to fix it."""
-
-
-def _notice(message):
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# paths: local directory or Hugging Face id
-# ----------------------------------------------------------------------------------------------
-def _looks_local(path):
-    """A Hugging Face id is 'name' or 'owner/name'; anything else is meant as a local path."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-
-
-def _hub_reachable():
-    """(True, '') when a TCP connection to the Hub's endpoint opens, else (False, reason)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False, "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-        return True, ""
-    except OSError as e:
-        return False, f"{host} cannot be reached: {e.strerror or e}"
-
-
-def _hub_patterns(repo_id):
-    """Files worth downloading: configs, tokenizer, and one weight format (safetensors first)."""
-    from huggingface_hub import HfApi
-
-    files = HfApi().list_repo_files(repo_id)
-    patterns = ["*.json", "*.model", "*.txt"]
-    patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
-    return patterns
-
-
-def resolve_path(path, flag="--model_path"):
-    """A local directory for ``path``: the directory itself, or the snapshot of a Hugging Face id
-    (from the local cache, else downloaded).  Raises LoaderError naming ``flag`` and the fix."""
-    if not path:
-        raise LoaderError(f"{flag}: empty path; give a local model directory or a Hugging Face id")
-    expanded = os.path.expanduser(path)
-    if os.path.isdir(expanded):
-        return os.path.abspath(expanded)
-    if os.path.exists(expanded):
-        raise LoaderError(f"{flag} {path}: is a file; give the directory that holds it")
-    fix = (f"give a local model directory with {flag}, or run `python inference.py --demo` "
-           f"for the offline toy model")
-    if _looks_local(path):
-        raise LoaderError(f"{flag} {path}: no such directory; {fix}")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-
-    try:
-        return snapshot_download(path, local_files_only=True)   # already in the local cache
-    except HFValidationError as e:
-        raise LoaderError(f"{flag} {path}: neither a local directory nor a valid Hugging Face id ({e}); {fix}")
-    except Exception:
-        pass
-    reachable, reason = _hub_reachable()
-    if not reachable:
-        raise LoaderError(f"{flag} {path}: not a local directory, and the Hugging Face Hub cannot be "
-                          f"reached to fetch it ({reason}); {fix}")
-    try:
-        return snapshot_download(path, allow_patterns=_hub_patterns(path))
-    except RepositoryNotFoundError:
-        raise LoaderError(f"{flag} {path}: no such model on the Hugging Face Hub (or it needs a login: "
-                          f"`huggingface-cli login`); {fix}")
-    except Exception as e:
-        raise LoaderError(f"{flag} {path}: fetching it from the Hugging Face Hub failed "
-                          f"({type(e).__name__}: {e}); {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
 # tokenizer
 # ----------------------------------------------------------------------------------------------
-def has_tokenizer(directory):
-    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
-
-
 def load_tokenizer(path, flag="--tokenizer"):
     """The tokenizer of a local directory or Hugging Face id (LlamaTokenizer for CuteGPT)."""
-    from transformers import AutoTokenizer
-
     directory = resolve_path(path, flag)
     if not has_tokenizer(directory):
         raise LoaderError(f"{flag} {path}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
@@ -194,6 +108,23 @@ def torchao_available():
         return False
 
 
+@contextlib.contextmanager
+def quiet_torchao_import(unless=False):
+    """Within the block, torchao's import-time log lines (C extensions its wheel cannot load here, torch
+    deprecation warnings about its enums) stay below the warning level, unless ``unless`` (the load uses
+    torchao: then they matter).  transformers imports torchao whenever it is installed, with the first
+    model class it builds, whatever the quantization."""
+    loggers = [] if unless else [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def fast_int8_config():
     """The torchao quantization --fast --quant int8 loads with: int8 weight-only, one scale per output
     channel (what TorchAoConfig applies to each linear layer as its weight is loaded)."""
@@ -219,8 +150,6 @@ def model_load_kwargs(quant, device, device_given, attn_implementation=None, fas
         if not torchao_available():
             raise LoaderError("--fast --quant int8 needs torchao (int8 weight-only kernels), which is not installed: "
                               "`pip install torchao`, or drop --fast for bitsandbytes int8")
-        from transformers import TorchAoConfig
-
         kwargs["quantization_config"] = TorchAoConfig(fast_int8_config())
         kwargs["dtype"] = compute_dtype(device)
         kwargs["device_map"] = device_map
@@ -228,8 +157,6 @@ def model_load_kwargs(quant, device, device_given, attn_implementation=None, fas
         if not bitsandbytes_available():
             raise LoaderError(f"--quant {quant} needs bitsandbytes, which is not installed: "
                               f"`pip install bitsandbytes`, or use --quant bf16/fp16 (GPU) or fp32 (CPU)")
-        from transformers import BitsAndBytesConfig
-
         if quant == "int8":
             # the seed: load_in_8bit with fp16 for the layers bitsandbytes keeps in floating point
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -256,102 +183,29 @@ def input_device(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA adapters
+# tokenizer and adapter against the base model
 # ----------------------------------------------------------------------------------------------
-def is_adapter_dir(directory):
-    return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
-
-
-def read_adapter_config(directory, flag="--lora_path"):
-    path = os.path.join(directory, ADAPTER_CONFIG)
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LoaderError(f"{flag}: {path} cannot be read ({e})")
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise LoaderError(f"{flag}: {path} describes a {cfg.get('peft_type')!r} adapter; only LoRA adapters load")
-    return cfg
-
-
-def adapter_weight_shapes(directory, flag="--lora_path"):
-    """{key: shape} of the adapter's saved tensors (safetensors, or an old peft's adapter_model.bin)."""
-    for name in ADAPTER_WEIGHTS:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as f:
-                    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the pre-zip torch format cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: tuple(v.shape) for k, v in state.items()}
-        except Exception as e:
-            raise LoaderError(f"{flag}: {path} cannot be read ({type(e).__name__}: {e})")
-    raise LoaderError(f"{flag} {directory}: holds {ADAPTER_CONFIG} but no adapter weights "
-                      f"({' or '.join(ADAPTER_WEIGHTS)})")
-
-
-def _module_key(key):
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> (module path, part)."""
-    for prefix in ("base_model.model.", "base_model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-        marker = f".{part}."
-        if marker in key:
-            return key.split(marker)[0], part
-    return key, None
-
-
-def check_adapter_fits(meta_model, adapter_dir, adapter_cfg, flag="--lora_path", model_flag="--model_path"):
-    """Raise LoaderError unless every tensor of the adapter fits ``meta_model`` (built on the meta
-    device from the base model's config, so nothing is loaded yet)."""
-    base = adapter_cfg.get("base_model_name_or_path") or "the base model it was trained on"
-    fix = f"load it on {base} (give that with {model_flag})"
-    modules = dict(meta_model.named_modules())
-    params = dict(meta_model.named_parameters())
-    shapes = adapter_weight_shapes(adapter_dir, flag)
-    for key, shape in sorted(shapes.items()):
-        name, part = _module_key(key)
-        if part is None:  # a fully saved weight (modules_to_save), e.g. an embedding table
-            param_name = name.replace(".modules_to_save", "").replace(".original_module", "")
-            if param_name in params and tuple(params[param_name].shape) != shape:
-                raise LoaderError(f"{flag} {adapter_dir}: the adapter holds {param_name} of shape {list(shape)}, "
-                                  f"the base model's is {list(params[param_name].shape)}: the adapter was made "
-                                  f"for another base model; {fix}")
-            continue
-        module = modules.get(name)
-        if module is None:
-            raise LoaderError(f"{flag} {adapter_dir}: the adapter changes module {name}, which the base model "
-                              f"does not have: the adapter was made for another base model; {fix}")
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() != 2:
-            continue
-        out_features, in_features = weight.shape
-        if part in ("lora_embedding_A", "lora_embedding_B"):
-            out_features, in_features = in_features, out_features
-        # lora_A: (r, in_features), lora_B: (out_features, r)
-        ok = shape[1] == in_features if part.endswith("A") else shape[0] == out_features
-        if len(shape) != 2 or not ok:
-            raise LoaderError(f"{flag} {adapter_dir}: {key} has shape {list(shape)}, which does not fit "
-                              f"{name} ({in_features} -> {out_features} in the base model, hidden size "
-                              f"{getattr(meta_model.config, 'hidden_size', '?')}): the adapter was made for "
-                              f"another base model; {fix}")
-
-
 def check_vocab_fits(tokenizer, model_config, tokenizer_source, model_flag="--model_path"):
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise LoaderError(f"the tokenizer of {tokenizer_source} has {len(tokenizer)} tokens, but the model has "
                           f"only {vocab} embeddings: tokenizer and model do not belong together (a CuteGPT "
                           f"adapter needs the CuteGPT base with its Chinese vocabulary); check {model_flag}")
+
+
+def _checked_adapter(lora_path, model_config):
+    """The directory of the LoRA adapter ``lora_path``, checked against the base model's config (the
+    model is built on the meta device: nothing is loaded yet)."""
+    adapter_dir = resolve_path(lora_path, "--lora_path")
+    if not is_adapter_dir(adapter_dir):
+        hint = (" (it is a full model: give it with --model_path and --lora_path none)"
+                if os.path.isfile(os.path.join(adapter_dir, "config.json")) else "")
+        raise LoaderError(f"--lora_path {lora_path}: holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter{hint}")
+    adapter_cfg = read_adapter_config(adapter_dir)
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(model_config)
+    check_adapter_fits(meta_model, adapter_dir, adapter_cfg)
+    return adapter_dir
 
 
 def _apply_adapter(model, adapter_dir, flag="--lora_path"):
@@ -371,7 +225,7 @@ def _apply_adapter(model, adapter_dir, flag="--lora_path"):
 # the whole load
 # ----------------------------------------------------------------------------------------------
 def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None, attn_implementation=None,
-                             notice=_notice, fast=False):
+                             notice=data_io.note, fast=False):
     """(model, tokenizer) ready for generation (eval mode).
 
     model_path: base or full model (local dir or Hugging Face id).
@@ -384,8 +238,6 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
     fast: the --fast path (config.FAST): static KV cache, compiled decoding step on a GPU, and for
           int8 torchao's weight-only kernels instead of bitsandbytes (see enable_fast_path).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     device_given = device is not None
     device = resolve_device(device)
     if quant is None:
@@ -406,31 +258,20 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
     except Exception as e:
         raise LoaderError(f"--model_path {model_path}: no usable config.json ({type(e).__name__}: {e})")
 
-    adapter_dir = None
-    if lora_path:
-        adapter_dir = resolve_path(lora_path, "--lora_path")
-        if not is_adapter_dir(adapter_dir):
-            hint = (" (it is a full model: give it with --model_path and --lora_path none)"
-                    if os.path.isfile(os.path.join(adapter_dir, "config.json")) else "")
-            raise LoaderError(f"--lora_path {lora_path}: holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter{hint}")
-        adapter_cfg = read_adapter_config(adapter_dir)
-        with torch.device("meta"):
-            meta_model = AutoModelForCausalLM.from_config(model_config)
-        check_adapter_fits(meta_model, adapter_dir, adapter_cfg)
-        del meta_model
-
-    tokenizer_dir, tokenizer_flag = ((adapter_dir, "--lora_path") if adapter_dir and has_tokenizer(adapter_dir)
-                                     else (model_dir, "--model_path"))
-    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_flag)
-    check_vocab_fits(tokenizer, model_config, tokenizer_dir)
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs)
-    except (ImportError, ValueError) as e:
-        raise LoaderError(f"--model_path {model_path} with --quant {quant} on {device}: cannot be loaded "
-                          f"({type(e).__name__}: {e})")
-    except (OSError, RuntimeError) as e:
-        raise LoaderError(f"--model_path {model_path}: the weights cannot be loaded ({type(e).__name__}: {e})")
+    # the first model class transformers builds imports torchao (its quantizer registry) when installed
+    with quiet_torchao_import(unless=fast and quant == "int8"):
+        adapter_dir = _checked_adapter(lora_path, model_config) if lora_path else None
+        tokenizer_dir, tokenizer_flag = ((adapter_dir, "--lora_path") if adapter_dir and has_tokenizer(adapter_dir)
+                                         else (model_dir, "--model_path"))
+        tokenizer = load_tokenizer(tokenizer_dir, tokenizer_flag)
+        check_vocab_fits(tokenizer, model_config, tokenizer_dir)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs)
+        except (ImportError, ValueError) as e:
+            raise LoaderError(f"--model_path {model_path} with --quant {quant} on {device}: cannot be loaded "
+                              f"({type(e).__name__}: {e})")
+        except (OSError, RuntimeError) as e:
+            raise LoaderError(f"--model_path {model_path}: the weights cannot be loaded ({type(e).__name__}: {e})")
     if "device_map" not in load_kwargs:
         model.to(device)
     if adapter_dir:
@@ -446,9 +287,6 @@ def enable_fast_path(model):
     generation_config switches: a static KV cache of FAST["max_cache_len"] positions (never more than
     the model's context), which makes generate() compile the decoding step on a CUDA GPU with
     FAST["compile"] (transformers' CompileConfig).  Every later ``generate`` call uses it."""
-    import config
-    from transformers import CompileConfig
-
     generation_config = model.generation_config
     context = getattr(model.config, "max_position_embeddings", None) or config.FAST["max_cache_len"]
     generation_config.cache_implementation = "static"
@@ -471,8 +309,6 @@ NONE_WORDS = ("none", "None", "")
 
 def add_model_arguments(parser, demo=True):
     """--model_path --lora_path --quant --device --attn_implementation --fast (and --demo --demo_dir)."""
-    import config
-
     parser.add_argument("--model_path", default=None,
                         help=f"base or full model: local directory or Hugging Face id (default: {config.BASE_MODEL}, "
                              f"or {config.FULL_FT_MODEL} with --lora_path none)")
@@ -516,8 +352,6 @@ def check_model_arguments(parser, args):
 
 def model_choice(args):
     """(model_path, lora_path) from the flags: the seed's base + LoRA by default."""
-    import config
-
     lora = args.lora_path
     if lora is not None and lora in NONE_WORDS:
         return (args.model_path or config.FULL_FT_MODEL), None
@@ -526,11 +360,9 @@ def model_choice(args):
     return args.model_path, lora
 
 
-def load_from_args(args, notice=_notice):
+def load_from_args(args, notice=data_io.note):
     """(model, tokenizer) for parsed model flags; --demo builds the toy model first when needed."""
     if getattr(args, "demo", False):
-        import demo_model
-
         model_path, lora_path = demo_model.ensure_demo_model(args.demo_dir), None
         quant, device = "fp32", args.device or "cpu"
     else:
@@ -544,9 +376,6 @@ def load_from_args(args, notice=_notice):
 # ----------------------------------------------------------------------------------------------
 # training: precision and attention kernel (finetune.py and the benchmarks ask here)
 # ----------------------------------------------------------------------------------------------
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def training_precision(requested, device):
     """auto: bf16 where the GPU supports it, else fp32; an explicit choice stands."""
     if requested != "auto":
@@ -598,44 +427,3 @@ def training_attention(attention, device):
     if attention != "sdpa":
         raise LoaderError(f"--attention {attention}: unknown; choose sdpa, flex or flash")
     return "sdpa", "attention: PyTorch SDPA (block-diagonal causal mask)"
-
-
-# ----------------------------------------------------------------------------------------------
-# training: liger-kernel's fused Triton kernels (finetune.py --liger)
-# ----------------------------------------------------------------------------------------------
-LIGER_PACKAGE = "liger-kernel"
-LIGER_CHOICES = ("off", "kernels", "all")
-
-
-def check_liger(liger, device):
-    """Raise LoaderError unless --liger ``liger`` can run here: liger-kernel installed (with triton) and a
-    CUDA GPU.  'off' always passes."""
-    if liger == "off":
-        return
-    if liger not in LIGER_CHOICES:
-        raise LoaderError(f"--liger {liger}: unknown; choose {', '.join(LIGER_CHOICES)}")
-    fix = (f"install the GPU extra (pip install -r requirements-gpu.txt, which pins {LIGER_PACKAGE}) on a CUDA "
-           f"machine, or drop --liger")
-    if device.type != "cuda":
-        raise LoaderError(f"--liger needs a CUDA GPU: {LIGER_PACKAGE}'s kernels are Triton GPU code and this run "
-                          f"is on the {device.type.upper()}; drop --liger here")
-    try:
-        import liger_kernel.transformers  # noqa: F401  (imports triton)
-    except ImportError as e:
-        raise LoaderError(f"--liger needs the {LIGER_PACKAGE} package (and triton), which cannot be imported "
-                          f"({e}); {fix}")
-
-
-def apply_liger(model, liger):
-    """liger-kernel's fused RMSNorm, SwiGLU MLP and rotary embedding on a loaded LLaMA ``model`` (before LoRA
-    wraps it), through liger's public ``apply_liger_kernel_to_llama``.  Its fused linear cross-entropy is
-    not patched in here: finetune.forward_loss_sum calls it directly (--liger all).
-
-    Note: liger swaps the rotary function and the RMSNorm/MLP classes of transformers' LLaMA module for the
-    whole process, so every LLaMA built afterwards in the same process uses them too."""
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    if model.config.model_type != "llama":
-        raise LoaderError(f"--liger: wired for LLaMA models only, this one is {model.config.model_type!r}; drop --liger")
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)

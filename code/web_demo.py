@@ -17,53 +17,30 @@ and config.GENERATION (settings).  Nothing is fetched from the internet: the pag
 and gradio's analytics are off.
 """
 import argparse
-import os
-import sys
 
-CODE = os.path.dirname(os.path.abspath(__file__))
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
-
-import api_server  # noqa: E402  (its listen flags and port check; fastapi loads only when serving)
-import config  # noqa: E402
-import data_io  # noqa: E402
-import model_loader  # noqa: E402
-from data_io import DataError  # noqa: E402
+import api_server   # its listen flags and port check
+import chat
+import config
+import data_io
+import demo_model
+import model_loader
+import prompt
+from data_io import DataError
 
 TITLE = "CuteGPT"
 
 
 def conversation(history, query, system):
     """(meta_prompt, history pairs, query) from the chatbot's messages and the new query."""
-    import prompt
-
     messages = list(history or [])
     if system.strip() and system.strip() != config.META_PROMPT.strip():
         messages = [{"role": "system", "content": system}] + messages
     return prompt.split_messages(messages + [{"role": "user", "content": query}])
 
 
-def settings_from(defaults, temperature, top_p, top_k, repetition_penalty, max_new_tokens):
-    """Generation settings from the page's controls: temperature 0 means greedy."""
-    import chat
-
-    settings = chat.generation_settings(**dict(defaults, top_p=float(top_p), top_k=int(top_k),
-                                               repetition_penalty=float(repetition_penalty),
-                                               max_new_tokens=int(max_new_tokens)))
-    settings["do_sample"] = float(temperature) > 0
-    if settings["do_sample"]:
-        settings["temperature"] = float(temperature)
-    return settings
-
-
-def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, notice=None):
-    """The gradio Blocks page.  ``defaults``: chat.generation_settings the controls start from."""
+def responder(model, tokenizer, defaults, context_length):
+    """The page's answer handler: yields (question box, chat history) updates as the answer grows."""
     import gradio as gr
-
-    import chat
-
-    context_length = chat.context_length_of(model, tokenizer)
-    initial_temperature = float(defaults["temperature"]) if defaults["do_sample"] else 0.0
 
     def respond(query, history, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, memory):
         query = (query or "").strip()
@@ -73,7 +50,8 @@ def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, not
             return
         try:
             meta_prompt, pairs, query = conversation(history, query, system or "")
-            settings = settings_from(defaults, temperature, top_p, top_k, repetition_penalty, max_new_tokens)
+            settings = chat.user_settings(defaults, float(temperature), top_p, top_k, repetition_penalty,
+                                          max_new_tokens)
             reply = chat.start_reply(model, tokenizer, pairs, query, settings, memory_limit=int(memory),
                                      context_length=context_length, meta_prompt=meta_prompt)
         except (DataError, ValueError) as e:
@@ -95,6 +73,16 @@ def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, not
         finally:   # Stop, Clear, a closed page: the generation ends at the next token
             reply.cancel()
 
+    return respond
+
+
+def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, notice=None):
+    """The gradio Blocks page.  ``defaults``: chat.generation_settings the controls start from."""
+    import gradio as gr
+
+    context_length = chat.context_length_of(model, tokenizer)
+    initial_temperature = float(defaults["temperature"]) if defaults["do_sample"] else 0.0
+    respond = responder(model, tokenizer, defaults, context_length)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title=TITLE, analytics_enabled=False) as page:
@@ -150,11 +138,9 @@ def main(argv=None):
         model, tokenizer = model_loader.load_from_args(args)
         notice = None
         if args.demo:
-            import demo_model
-
             notice = demo_model.toy_notice(model)
             print(notice, flush=True)
-        page, theme = build_page(model, tokenizer, api_server.default_settings(args.demo), args.memory_limit, notice)
+        page, theme = build_page(model, tokenizer, chat.default_settings(args.demo), args.memory_limit, notice)
     except DataError as e:
         data_io.fail(str(e))
     print(f"CuteGPT web demo: http://{args.host}:{args.port} ; Ctrl-C stops", flush=True)

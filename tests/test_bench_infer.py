@@ -5,20 +5,17 @@ torchao's int8 weight-only kernels; the compiled step (CUDA graphs) runs on a GP
 (bench/gpu_infer_check.sh).  The figures measured here are CPU figures of a toy model, not the
 13B target."""
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import CANNED_ANSWERS, REPO, SAMPLE, demo_command, load_script, run_script
-
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from conftest import CANNED_ANSWERS, SAMPLE, demo_command, load_script, run_script
 
 import chat
 import config
-import inference
 import model_loader
+
+inference = load_script("inference.py")   # a top-level script, not on the import path
 
 N_PROMPTS = 20
 NEW_TOKENS = 24

@@ -22,18 +22,16 @@ import warnings
 import pytest
 import torch
 
-from conftest import CANNED_ANSWERS, REPO, demo_command, run_script
-
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from conftest import CANNED_ANSWERS, REPO, demo_command, load_script, run_script
 
 import chat
 import config
 import data_io
 import demo_model
-import inference
 import model_loader
 import prompt
+
+inference = load_script("inference.py")   # a top-level script, not on the import path
 
 def greedy(**overrides):
     return chat.generation_settings(do_sample=False, repetition_penalty=1.0, **overrides)

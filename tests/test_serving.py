@@ -24,6 +24,7 @@ import pytest
 
 from conftest import CANNED_ANSWERS, REPO, demo_command, run_script
 
+import api_protocol
 import api_server
 import chat
 import config
@@ -122,14 +123,14 @@ def test_meta_prompt_and_refusing_to_cut(loaded):
 
 
 def test_stop_strings_are_cut_and_never_streamed():
-    stopper = api_server.StopText(["<|x|>", "END"])
+    stopper = api_protocol.StopText(["<|x|>", "END"])
     pieces = ["ab", "c<", "|x", "|>tail"]
     out = [stopper.feed(p) for p in pieces[:3]]
     assert out == ["ab", "c", ""] and not stopper.hit          # "<" and "<|x" held back: they may start a stop
     assert stopper.feed(pieces[3]) == "" and stopper.hit and stopper.text == "abc"
-    stopper = api_server.StopText(["END"])
+    stopper = api_protocol.StopText(["END"])
     assert [stopper.feed(p) for p in ["E", "x", "EN"]] == ["", "Ex", ""] and stopper.flush() == "EN"
-    assert api_server.StopText([]).feed("END") == "END"
+    assert api_protocol.StopText([]).feed("END") == "END"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +411,7 @@ def test_a_client_that_disconnects_frees_its_slot(loaded, monkeypatch):
 
     monkeypatch.setattr(chat.Reply, "_on_tokens", slow)
     model, tokenizer = loaded
-    app = api_server.create_app(model, tokenizer, defaults=api_server.default_settings(demo=True), poll_s=0.1)
+    app = api_server.create_app(model, tokenizer, defaults=chat.default_settings(demo=True), poll_s=0.1)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
