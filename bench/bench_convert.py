@@ -12,39 +12,31 @@
     # the project's tokenizer on one thread (convert_data.py --threads 1)
     python bench/bench_convert.py --dialogues 20000 --threads 1
 
-One process converts the same synthetic dialogues (a seeded mix of Chinese and English dialogues of
-1-5 turns, some turns with an input) three ways, back to back (--repeats N: N such rounds):
+One process converts the same synthetic dialogues (a seeded Chinese/English mix of 1-5 turns, some
+turns with an input) three ways, back to back (--repeats N: N such rounds, interleaved):
 
-1. this project: ``convert_data.convert(args)``, the real code path of ``code/convert_data.py``
-   (read the .jsonl, load the fast tokenizer, group, then render and assemble chunks of
-   config.TOKENIZE_BATCH segments while the previous chunk is tokenized on --threads threads, truncate, pack).
-   Nothing of it is re-implemented here.
-2. the seed's method, in this one process: the same steps (same reading, same ``dataset.group_dialogues`` and
+1. this project: ``convert_data.convert(args)``, the real code path of ``code/convert_data.py``;
+   nothing of it is re-implemented here.
+2. the seed's method: the same steps (same reading, ``dataset.group_dialogues`` and
    ``prompt.conversation_segments`` with an identically seeded rng, same truncation and packing), but
-   every segment is tokenized by its own call of a slow, sentencepiece-backed tokenizer:
-   ``transformers.SentencePieceBackend`` with ``legacy=True``, transformers 5's slow tokenizer class
-   (``tokenizer(piece, add_special_tokens=False)`` -> ``sp_model.encode(piece, out_type=str)`` ->
-   ``piece_to_id``, as transformers 4's slow ``LlamaTokenizer`` did; transformers 5 has no slow
-   ``LlamaTokenizer`` any more).
-3. a reference: the same, with a bare ``sentencepiece.SentencePieceProcessor.encode(piece)`` per
-   piece (what the slow class runs underneath, without its Python overhead).
+   every segment is tokenized by its own call of transformers 5's slow, sentencepiece-backed class
+   (``SentencePieceBackend``, ``legacy=True``: what transformers 4's slow ``LlamaTokenizer`` did).
+3. a reference: the same, with a bare ``sentencepiece.SentencePieceProcessor.encode(piece)`` per piece.
 
-The packed rows (input_ids, labels, attention_mask, sample_starts) of 2 and 3 must equal the
-project's, and every segment's ids must equal the fast tokenizer's; otherwise the differing segments
-are counted (with how many start with a space) and the script exits 1.  It prints one table
-(seconds, dialogues/s, tokens/s, speed-up) and, with --json, writes the figures with date, machine,
-package versions and command.  Timings on a shared machine are noisy; the methods run in the same
-process one after the other, on the same input; with --repeats N each method's best time of its N
-runs is the figure (all times are in the JSON), the usual estimate where other work only ever adds time.
-The first round's outputs are checked, then every round's outputs are dropped before the next run (later
-rounds must give the same rows: a digest is compared), so each timed run starts from the same heap.
-The project tokenizes only the segments that hold a token within --max_length (the report counts them);
---max_dialogues_per_sample 1 gives a workload with few samples truncated.
+The packed rows of 2 and 3 must equal the project's, and every segment's ids the fast tokenizer's;
+otherwise the differing segments are counted (with how many start with a space) and the script exits 1.
+It prints one table (seconds, dialogues/s, tokens/s, speed-up); --json also writes the figures with the
+machine, package versions and command.  Each method's figure is its best of the N rounds (other work on
+a shared machine only ever adds time).  Only the first round's outputs are checked; later rounds must
+give the same rows (a digest), and no round's outputs outlive it, so every timed run starts from the
+same heap.  The project tokenizes only the segments that hold a token within --max_length (the report
+counts them); --max_dialogues_per_sample 1 gives a workload with few samples truncated.
 """
 import argparse
 import datetime
 import gc
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import pickle
@@ -55,6 +47,9 @@ import sys
 import tempfile
 import time
 
+import sentencepiece as spm
+from transformers import SentencePieceBackend
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = os.path.join(REPO, "code")
 if CODE not in sys.path:
@@ -64,6 +59,8 @@ import config  # noqa: E402
 import convert_data  # noqa: E402
 import data_io  # noqa: E402
 import dataset  # noqa: E402
+import model_loader  # noqa: E402
+import packing  # noqa: E402
 import prompt  # noqa: E402
 from data_io import DataError  # noqa: E402
 
@@ -167,16 +164,12 @@ def write_jsonl(dialogues, path):
 # ----------------------------------------------------------------------------------------------
 def load_slow_tokenizer(directory):
     """transformers 5's sentencepiece-backed slow tokenizer class, in legacy mode (the seed's LlamaTokenizer)."""
-    from transformers import SentencePieceBackend
-
     tokenizer = SentencePieceBackend.from_pretrained(directory, legacy=True)
     return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
             tokenizer.eos_token_id, dataset.pad_token_id_of(tokenizer))
 
 
 def load_sentencepiece(directory):
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
     return sp.encode, sp.eos_id(), sp.eos_id()  # LLaMA has no pad piece: eos pads, as pad_token_id_of says
 
@@ -200,12 +193,12 @@ def convert_per_piece(args, load):
             texts.append(text)
             segment_ids.append(ids)
             input_ids.extend(ids)
-            labels.extend(ids if learned else [dataset.IGNORE_INDEX] * len(ids))
+            labels.extend(ids if learned else [packing.IGNORE_INDEX] * len(ids))
         input_ids.append(eos_id)
         labels.append(eos_id)
         tokenized.append((input_ids, labels))
     kept = dataset.truncate_samples(tokenized, args.max_length)[0]
-    packed = dataset.pack_samples(kept, args.max_length, pad_id)
+    packed = packing.pack_samples(kept, args.max_length, pad_id)
     return packed, texts, segment_ids, sample_segments
 
 
@@ -224,8 +217,6 @@ def cpu_model():
 
 
 def versions():
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "tokenizers", "sentencepiece"):
         try:
@@ -327,11 +318,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args, workdir):
-    import model_loader
-    import transformers  # noqa: F401  (imported before any clock starts: both methods need it)
-    import tqdm  # noqa: F401
-
+def tokenizer_under_test(args, workdir):
+    """(directory, description) of the tokenizer to convert with: --tokenizer, or a tiny one built now."""
     if args.tokenizer is None:
         print("building the tiny tokenizer (code/build_tiny_model.py) ...", flush=True)
         tokenizer_dir = build_tiny_tokenizer(os.path.join(workdir, "tiny"))
@@ -342,37 +330,28 @@ def run(args, workdir):
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.model")):
         raise DataError(f"--tokenizer {args.tokenizer}: holds no tokenizer.model, which the seed's slow "
                         f"tokenizer needs")
+    return tokenizer_dir, tokenizer_name
 
-    dialogues = synthetic_dialogues(args.dialogues, args.seed)
-    data_file = os.path.join(workdir, "dialogues.jsonl")
-    write_jsonl(dialogues, data_file)
-    turns = sum(len(d) for d in dialogues)
-    print(f"{len(dialogues)} synthetic dialogues ({turns} turns) -> {data_file}", flush=True)
 
-    # warm-up (untimed): the first tokenizer load of a process pays transformers' lazy imports (about 3 s
-    # here), which neither method's conversion work includes; load each tokenizer class once first
-    convert_data.load_tokenizer(tokenizer_dir, False)
-    load_slow_tokenizer(tokenizer_dir)
+def timed_rounds(args, convert_args, tokenizer_dir):
+    """--repeats rounds of the three methods, back to back on the same input.
 
-    convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
-                                            "--data_file", data_file, "--out_data_path", workdir,
-                                            "--seed", str(args.seed), "--threads", str(args.threads),
-                                            "--max_dialogues_per_sample", str(args.max_dialogues_per_sample)])
+    Returns (seconds of each run per method, the first round's counts and checks, the rounds whose
+    output differed from the first's)."""
     threads = dataset.resolve_threads(args.threads)
-
-    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
-    project_times, slow_times, bare_times, unstable = [], [], [], []
+    times = {"project": [], "seed": [], "reference": []}
+    unstable = []
     for round_index in range(args.repeats):
         tag = f"round {round_index + 1}/{args.repeats}: " if args.repeats > 1 else ""
         print(f"{tag}1/3 this project: convert_data.convert, --threads {args.threads} -> {threads} ...", flush=True)
         project_run, seconds = timed(convert_data.convert, convert_args, show_progress=False)
-        project_times.append(seconds)
+        times["project"].append(seconds)
         print(f"{tag}2/3 seed's method: slow SentencePieceBackend, one call per piece ...", flush=True)
         slow_run, seconds = timed(convert_per_piece, convert_args, lambda: load_slow_tokenizer(tokenizer_dir))
-        slow_times.append(seconds)
+        times["seed"].append(seconds)
         print(f"{tag}3/3 reference: bare sentencepiece, one call per piece ...", flush=True)
         bare_run, seconds = timed(convert_per_piece, convert_args, lambda: load_sentencepiece(tokenizer_dir))
-        bare_times.append(seconds)
+        times["reference"].append(seconds)
         digests = [packed_digest(project_run), packed_digest(slow_run[0]), packed_digest(bare_run[0])]
         if round_index == 0:
             # checks (untimed), on the first round's outputs: whole packed rows, then segment by segment
@@ -385,23 +364,51 @@ def run(args, workdir):
         # nothing of a round outlives it: every timed run starts from the same heap (a run beside another
         # method's millions of live objects is slower, and unequally so)
         del project_run, slow_run, bare_run
-    identical = not checks["differing"] and not any(checks["fields"].values()) and not unstable
+    return times, counts, checks, unstable
 
-    tokens = checks["tokens"] + counts["samples"]  # every segment's ids + one eos per sample
+
+def results_table(times, threads, dialogues, tokens):
+    """One row per method: its best round's seconds, all rounds, throughput, and the project's speed-up."""
     methods = [
         ("this project", f"convert_data.convert: SentencePiece batches on {threads} thread(s) beside the Python "
                          f"work, chunks of {config.TOKENIZE_BATCH} segments, {dataset.usable_cores()} cores",
-         project_times),
-        ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", slow_times),
-        ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", bare_times),
+         times["project"]),
+        ("seed", "transformers SentencePieceBackend (slow, legacy), one call per piece", times["seed"]),
+        ("reference", "sentencepiece.SentencePieceProcessor.encode, one call per piece", times["reference"]),
     ]
-    project_s, slow_s, bare_s = (min(times) for _, _, times in methods)   # each method's best round
-    rows = [{"method": name, "how": how, "seconds": round(best, 3), "all_seconds": [round(t, 3) for t in times],
-             "dialogues_per_s": round(len(dialogues) / best, 1), "tokens_per_s": round(tokens / best),
-             "speedup_of_project": round(best / project_s, 2)}
-            for (name, how, times), best in zip(methods, (project_s, slow_s, bare_s))]
-    speedup = slow_s / project_s
-    report = {
+    project_s = min(times["project"])
+    return [{"method": name, "how": how, "seconds": round(min(runs), 3), "all_seconds": [round(t, 3) for t in runs],
+             "dialogues_per_s": round(dialogues / min(runs), 1), "tokens_per_s": round(tokens / min(runs)),
+             "speedup_of_project": round(min(runs) / project_s, 2)}
+            for name, how, runs in methods]
+
+
+def run(args, workdir):
+    """Build the workload, time the three methods, check their outputs; return the report (a dict)."""
+    tokenizer_dir, tokenizer_name = tokenizer_under_test(args, workdir)
+    dialogues = synthetic_dialogues(args.dialogues, args.seed)
+    data_file = os.path.join(workdir, "dialogues.jsonl")
+    write_jsonl(dialogues, data_file)
+    turns = sum(len(d) for d in dialogues)
+    print(f"{len(dialogues)} synthetic dialogues ({turns} turns) -> {data_file}", flush=True)
+
+    # warm-up (untimed): the first tokenizer load of a process pays transformers' lazy imports, which
+    # neither method's conversion work includes; load each tokenizer class once first
+    convert_data.load_tokenizer(tokenizer_dir, False)
+    load_slow_tokenizer(tokenizer_dir)
+
+    convert_args = convert_data.parse_args(["--tokenizer", tokenizer_dir, "--max_length", str(args.max_length),
+                                            "--data_file", data_file, "--out_data_path", workdir,
+                                            "--seed", str(args.seed), "--threads", str(args.threads),
+                                            "--max_dialogues_per_sample", str(args.max_dialogues_per_sample)])
+    threads = dataset.resolve_threads(args.threads)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # 1, 5, 15 minutes
+    times, counts, checks, unstable = timed_rounds(args, convert_args, tokenizer_dir)
+    identical = not checks["differing"] and not any(checks["fields"].values()) and not unstable
+
+    tokens = checks["tokens"] + counts["samples"]  # every segment's ids + one eos per sample
+    speedup = min(times["seed"]) / min(times["project"])   # each method's best round
+    return {
         "benchmark": "bench/bench_convert.py",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "usable_cores": dataset.usable_cores(),
@@ -427,9 +434,9 @@ def run(args, workdir):
         "seed": args.seed,
         "threads": threads,            # this project's tokenizer threads; the seed's method and the reference: one
         "repeats": args.repeats,       # rounds; "seconds" is each method's best of them
-        "results": rows,
+        "results": results_table(times, threads, len(dialogues), tokens),
         "speedup_vs_seed": round(speedup, 2),
-        "speedup_vs_sentencepiece": round(bare_s / project_s, 2),
+        "speedup_vs_sentencepiece": round(min(times["reference"]) / min(times["project"]), 2),
         "target_speedup": TARGET_SPEEDUP,
         "target_met": speedup >= TARGET_SPEEDUP,
         "ids_identical": identical,
@@ -438,7 +445,6 @@ def run(args, workdir):
         "packed_fields_differing": checks["fields"],
         "rounds_differing_from_the_first": unstable,
     }
-    return report
 
 
 def print_report(report):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The unattended CPU check of data conversion on a many-core host: bench/bench_convert.py (20,000 synthetic
-# dialogues, the tiny tokenizer built on the fly) with convert_data's tokenizer threads, for the 16-core CPU
-# of the H200 machine.  CPU only: it never touches the GPU.
+# dialogues, the tiny tokenizer built on the fly) with convert_data's tokenizer threads, for the many-core
+# CPU of a GPU host.  CPU only: it never touches the GPU.
 #
 #     OUT=/some/folder bash bench/host_convert_check.sh        # from the repo root, or anywhere
 #     DIALOGUES=300 OUT=/tmp/x bash bench/host_convert_check.sh # a quick smoke run (default 20000)
@@ -13,8 +13,7 @@
 # 3. one round with --threads 1 (the tokenizer on one thread) -> $OUT/bench_convert_host_t1.json (cut at 60 s).
 # Each round converts the same dialogues with this project, then with the seed's method (one slow tokenizer
 # call per piece, one thread), then bare sentencepiece, and the script exits 1 if any ids differ.  Everything
-# printed also goes to $OUT/log.  Expected wall time on a 16-core host: about 25 s a round (the seed's
-# method ~17 s), under 2 minutes in all.
+# printed also goes to $OUT/log; the figures belong in BENCHMARKS.md.
 # Exit status: 0 when every run succeeded with identical ids, else that of the first that did not
 # (1 ids differ, 2 a missing package or bad argument, 124 timed out).
 set -uo pipefail

@@ -34,9 +34,18 @@ tokenizer without the dummy prefix, on which all classes agree with SentencePiec
 """
 import argparse
 import collections
+import io
 import json
+import logging
 import os
 import time
+
+import sentencepiece as spm
+import torch
+import transformers
+from tokenizers import normalizers
+from transformers import AutoTokenizer, LlamaConfig, LlamaTokenizer
+from transformers.utils import logging as hf_logging
 
 import config
 import data_io
@@ -155,10 +164,6 @@ def training_lines(dialogues, vocab_size):
 
 
 def train_sentencepiece(lines, model_file, vocab_size, dummy_prefix, data_path):
-    import io
-
-    import sentencepiece as spm
-
     if not lines:
         raise DataError(f"{data_path}: no text to train a tokenizer on")
     longest = max(len(line.encode("utf-8")) for line in lines)
@@ -195,9 +200,6 @@ def train_sentencepiece(lines, model_file, vocab_size, dummy_prefix, data_path):
 
 def save_tokenizer(directory, dummy_prefix):
     """Turn DIR/tokenizer.model into tokenizer.json + tokenizer_config.json; return the tokenizer."""
-    from tokenizers import normalizers
-    from transformers import LlamaTokenizer
-
     # transformers 5 converts the SentencePiece model (vocab + merges in piece order, byte fallback)
     tokenizer = LlamaTokenizer.from_pretrained(directory, add_bos_token=True, add_eos_token=False, legacy=True,
                                                add_prefix_space=dummy_prefix)
@@ -236,9 +238,6 @@ def save_tokenizer(directory, dummy_prefix):
 
 def check_tokenizer(directory, texts):
     """Reload as the project will and check the LLaMA conventions; return (tokenizer, agreeing, mismatch_count)."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
     sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     specials = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -261,15 +260,19 @@ def check_tokenizer(directory, texts):
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
-def save_model(directory, vocab_size, hidden_size, num_layers, seed):
-    # transformers probes deepspeed when it builds a model; on a machine without a GPU deepspeed then logs a
-    # warning about falling back to the CPU.  This process never uses deepspeed: say CPU up front.
+def quiet_model_imports():
+    """Call before the first use of a transformers model class.  Importing one imports torchao where it
+    is installed (transformers' quantizers), whose failed C-extension loads and torch's _pytree
+    deprecation notes are noise for a script that never quantizes; deepspeed, probed while a model is
+    built, would log that it falls back to the CPU."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
+
+
+def save_model(directory, vocab_size, hidden_size, num_layers, seed):
+    quiet_model_imports()
 
     t = config.TINY_MODEL
     model_config = LlamaConfig(
@@ -289,7 +292,7 @@ def save_model(directory, vocab_size, hidden_size, num_layers, seed):
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_config).to(torch.float32)
+    model = transformers.LlamaForCausalLM(model_config).to(torch.float32)
     model.save_pretrained(directory, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 
@@ -305,11 +308,11 @@ def make_readable(directory):
 
 # ----------------------------------------------------------------------------------------------
 def build(args):
+    """Write the tokenizer and the model into args.out; print a one-line summary (and a note where the
+    vocabulary came out smaller than asked, or the fast tokenizer disagrees with SentencePiece)."""
     started = time.time()
     check_args(args)
     dialogues = data_io.load_dialogues(args.data)
-    turns = sum(len(d) for d in dialogues)
-    print(f"read {len(dialogues)} dialogues ({turns} turns) from {args.data}", flush=True)
     dummy_prefix = not args.no_dummy_prefix
     texts = [turn[key] for dialogue in dialogues for turn in dialogue for key in TEXT_KEYS if turn[key]]
 
@@ -318,21 +321,19 @@ def build(args):
         train_sentencepiece(lines, os.path.join(tmp, "tokenizer.model"), args.vocab_size, dummy_prefix, args.data)
         save_tokenizer(tmp, dummy_prefix)
         tokenizer, agreeing, mismatches = check_tokenizer(tmp, texts)
-        fewer = (f", fewer than --vocab_size {args.vocab_size}: the data holds no more merges"
-                 if len(tokenizer) < args.vocab_size else "")
-        print(f"tokenizer: SentencePiece BPE, {len(tokenizer)} pieces{fewer} ({kept} of {distinct} characters have "
-              f"a piece, {coverage:.2%} of the text; the rest falls back to bytes)", flush=True)
-        line = f"tokenizer check: fast ids == SentencePiece ids on {agreeing}/{len(texts)} data texts"
-        if mismatches:
-            leading = sum(text[:1] == " " for text in mismatches)
-            line += (f" ({leading} of the {len(mismatches)} others start with a space: transformers 5's "
-                     f"LlamaTokenizer adds no dummy '▁' there; PreTrainedTokenizerFast matches)")
-        print(line, flush=True)
         parameters = save_model(tmp, len(tokenizer), args.hidden_size, args.num_layers, args.seed)
         make_readable(tmp)
-        print(f"model: LlamaForCausalLM, {parameters:,} parameters (vocab {len(tokenizer)}, hidden "
-              f"{args.hidden_size}, {args.num_layers} layers, seed {args.seed})", flush=True)
-    print(f"wrote {args.out} in {time.time() - started:.1f}s", flush=True)
+    print(f"wrote {args.out} in {time.time() - started:.1f}s: a SentencePiece BPE tokenizer of {len(tokenizer)} "
+          f"pieces ({kept} of {distinct} characters have one, {coverage:.2%} of the text) and a LlamaForCausalLM of "
+          f"{parameters:,} parameters (hidden {args.hidden_size}, {args.num_layers} layers, seed {args.seed}), "
+          f"from {len(dialogues)} dialogues of {args.data}", flush=True)
+    if len(tokenizer) < args.vocab_size:
+        print(f"note: fewer pieces than --vocab_size {args.vocab_size}: the data holds no more merges")
+    if mismatches:
+        leading = sum(text[:1] == " " for text in mismatches)
+        print(f"note: fast ids == SentencePiece ids on {agreeing}/{len(texts)} data texts ({leading} of the "
+              f"{len(mismatches)} others start with a space: transformers 5's LlamaTokenizer adds no dummy '▁' "
+              f"there; PreTrainedTokenizerFast matches)")
 
 
 def main(argv=None):

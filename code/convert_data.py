@@ -43,9 +43,13 @@ import os
 import random
 import sys
 
+from tqdm import tqdm
+
 import config
 import data_io
 import dataset
+import model_loader
+import packing
 import prompt
 from data_io import DataError
 
@@ -110,9 +114,7 @@ OUT_FILES = {"ift": "llama_ift_data_ids.pkl", "pretrain": "llama_pretrain_data_i
 
 
 def load_tokenizer(path, special_end_token):
-    from model_loader import load_tokenizer as load
-
-    tokenizer = load(path, "--tokenizer")  # raises LoaderError (a DataError) naming the flag
+    tokenizer = model_loader.load_tokenizer(path, "--tokenizer")  # raises LoaderError (a DataError) naming the flag
     if special_end_token:
         tokenizer.add_special_tokens({"additional_special_tokens": [config.END_MARKER]})
     return tokenizer
@@ -124,10 +126,10 @@ def packing_counts(samples, packed, max_length, learned_tokens=None):
     real = sum(len(ids) for ids, _ in samples)
     rows = len(packed["input_ids"])
     if learned_tokens is None:
-        learned_tokens = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in samples)
-    # training cuts each micro-batch to its longest row (dataset.collate_rows); one row at a time that
+        learned_tokens = sum(len(labels) - labels.count(packing.IGNORE_INDEX) for _, labels in samples)
+    # training cuts each micro-batch to its longest row (packing.collate_rows); one row at a time that
     # is each row's own length, and the rows are spread evenly, so pairs of them differ by a few tokens
-    fed = sum(dataset.fed_length(mask.count(1), max_length) for mask in packed["attention_mask"])
+    fed = sum(packing.fed_length(mask.count(1), max_length) for mask in packed["attention_mask"])
     return {"rows": rows, "real_tokens": real, "learned_tokens": learned_tokens,
             "pad_tokens": rows * max_length - real, "fed_positions": fed, "real_token_share": real / fed,
             "real_token_share_of_full_rows": real / (rows * max_length)}
@@ -146,8 +148,6 @@ def convert(args, show_progress=True):
 
 
 def _convert(args, show_progress):
-    from tqdm import tqdm
-
     dialogues = data_io.load_dialogues(args.data_file)
     tokenizer = load_tokenizer(args.tokenizer, args.special_end_token)
 
@@ -161,7 +161,7 @@ def _convert(args, show_progress):
     if not kept:
         raise DataError(f"{args.data_file}: no sample has an answer token within --max_length "
                         f"{args.max_length}; raise --max_length")
-    packed = dataset.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
+    packed = packing.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
 
     counts = {
         "dialogues": len(dialogues),
@@ -193,8 +193,6 @@ def _convert(args, show_progress):
 
 def convert_pretrain(args, show_progress=True):
     """Return the ids-file dict of plain text for continued pre-training (every token learned)."""
-    from tqdm import tqdm
-
     documents = data_io.load_documents(args.data_file, args.text_field)
     tokenizer = load_tokenizer(args.tokenizer, False)
     with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show_progress, file=sys.stderr) as bar:
@@ -202,7 +200,7 @@ def convert_pretrain(args, show_progress=True):
                                                   threads=dataset.resolve_threads(args.threads), progress=bar)
     if not samples:
         raise DataError(f"{args.data_file}: no document has two tokens or more to learn from")
-    packed = dataset.pack_samples(samples, args.max_length, dataset.pad_token_id_of(tokenizer))
+    packed = packing.pack_samples(samples, args.max_length, dataset.pad_token_id_of(tokenizer))
     counts = {
         "documents": len(documents),
         "samples": len(samples),

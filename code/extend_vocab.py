@@ -34,8 +34,15 @@ import os
 import sys
 import time
 
+import sentencepiece as spm
+import torch
+from sentencepiece import sentencepiece_model_pb2
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import build_tiny_model
 import config
 import data_io
+import model_loader
 from data_io import DataError
 
 # the strings that must never become one piece (the end marker and LLaMA's special tokens)
@@ -141,8 +148,6 @@ class Corpus:
 # SentencePiece: train on the corpus, merge into the base
 # ----------------------------------------------------------------------------------------------
 def load_base_proto(directory):
-    from sentencepiece import sentencepiece_model_pb2
-
     path = os.path.join(directory, "tokenizer.model")
     if not os.path.isfile(path):
         raise DataError(f"--base_tokenizer {directory}: holds no tokenizer.model (a LLaMA SentencePiece "
@@ -157,9 +162,6 @@ def load_base_proto(directory):
 
 def train_new_model(lines, base_proto, args):
     """A SentencePiece BPE model trained on ``lines`` with the base's text conventions; its proto."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
     base_norm, base_trainer = base_proto.normalizer_spec, base_proto.trainer_spec
     model = io.BytesIO()
     try:
@@ -210,8 +212,6 @@ def merge_pieces(base_proto, new_proto):
 
 
 def copy_proto(proto):
-    from sentencepiece import sentencepiece_model_pb2
-
     copy = sentencepiece_model_pb2.ModelProto()
     copy.CopyFrom(proto)
     return copy
@@ -219,8 +219,6 @@ def copy_proto(proto):
 
 def processor(proto, dummy_prefix=None):
     """A SentencePiece processor for ``proto`` (with its dummy prefix switched as asked)."""
-    import sentencepiece as spm
-
     if dummy_prefix is not None and proto.normalizer_spec.add_dummy_prefix != dummy_prefix:
         proto = copy_proto(proto)
         proto.normalizer_spec.add_dummy_prefix = dummy_prefix
@@ -243,10 +241,7 @@ def piece_text(piece):
 def resize_model(model_dir, old_proto, added, old_size):
     """Load the model, append one embedding row per new piece (input and output), each the mean of the
     rows of the piece's text under the old tokenizer; return the model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    build_tiny_model.quiet_model_imports()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     except Exception as e:
@@ -270,22 +265,17 @@ def resize_model(model_dir, old_proto, added, old_size):
 
 # ----------------------------------------------------------------------------------------------
 def extend(args):
-    from transformers import AutoTokenizer
-
-    import build_tiny_model
-    from model_loader import load_tokenizer, resolve_path
-
     started = time.time()
     check_out(args.out, args.overwrite)
-    base_dir = resolve_path(args.base_tokenizer, "--base_tokenizer")
-    base_tokenizer = load_tokenizer(base_dir, "--base_tokenizer")
+    base_dir = model_loader.resolve_path(args.base_tokenizer, "--base_tokenizer")
+    base_tokenizer = model_loader.load_tokenizer(base_dir, "--base_tokenizer")
     base_proto = load_base_proto(base_dir)
     old_size = len(base_proto.pieces)
     if len(base_tokenizer) != old_size:
         raise DataError(f"--base_tokenizer {args.base_tokenizer}: {len(base_tokenizer)} tokens but {old_size} "
                         f"SentencePiece pieces: tokens were added on top (e.g. {config.END_MARKER!r}); their ids "
                         f"would collide with the appended pieces.  Extend the tokenizer before adding them")
-    model_dir = resolve_path(args.model_path, "--model_path") if args.model_path else None
+    model_dir = model_loader.resolve_path(args.model_path, "--model_path") if args.model_path else None
     heldout = list(read_lines(args.heldout_file, args.text_field)) if args.heldout_file else None
 
     corpus = Corpus(args.corpus, args.text_field, hold_out=heldout is None)
@@ -310,7 +300,6 @@ def extend(args):
                                                            for i in range(new_sp.get_piece_size())):
             raise RuntimeError("the saved tokenizer's ids differ from its SentencePiece model's")
         if model_dir:
-            print(f"resizing the embeddings of {args.model_path}: {old_size} -> {len(tokenizer)} rows", flush=True)
             model = resize_model(model_dir, old_proto, added, old_size)
             model.save_pretrained(tmp, safe_serialization=True)
         report = {
@@ -345,15 +334,15 @@ def main(argv=None):
     except OSError as e:
         data_io.fail(f"{e.filename or args.out}: {e.strerror or e}")
     r = report
-    print(f"vocabulary: {r['base_vocab_size']} + {r['added_pieces']} new pieces = {r['vocab_size']} "
-          f"(of {r['trained_pieces']} trained on {r['corpus_lines']} lines)")
     if r["heldout_chars"]:
-        print(f"tokens per character on the held-out text ({r['heldout_lines']} lines, {r['heldout_chars']} "
-              f"characters): {r['tokens_per_char_before']:.3f} before, {r['tokens_per_char_after']:.3f} after "
-              f"({r['tokens_per_char_after'] / r['tokens_per_char_before']:.1%} of the tokens)")
+        gain = (f"tokens per character on the held-out text ({r['heldout_lines']} lines, {r['heldout_chars']} "
+                f"characters): {r['tokens_per_char_before']:.3f} before, {r['tokens_per_char_after']:.3f} after "
+                f"({r['tokens_per_char_after'] / r['tokens_per_char_before']:.1%} of the tokens)")
     else:
-        print("no held-out text: tokens per character not measured (give --heldout_file or more corpus lines)")
-    print(f"wrote {args.out} in {seconds:.1f}s")
+        gain = "no held-out text: tokens per character not measured (give --heldout_file or more corpus lines)"
+    resized = "; embeddings resized" if r["model_resized"] else ""
+    print(f"wrote {args.out} in {seconds:.1f}s: vocabulary {r['base_vocab_size']} + {r['added_pieces']} new pieces = "
+          f"{r['vocab_size']} (of {r['trained_pieces']} trained on {r['corpus_lines']} lines){resized}; {gain}")
 
 
 if __name__ == "__main__":

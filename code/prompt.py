@@ -19,6 +19,8 @@ import os
 import random
 import re
 
+import sentencepiece
+
 import config
 
 
@@ -222,8 +224,6 @@ def segment_encoder(tokenizer):
     if key not in _SEGMENT_ENCODERS:
         encoder = None
         if vocab_file and os.path.isfile(vocab_file):
-            import sentencepiece
-
             processor = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
             vocab = tokenizer.get_vocab()
             pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]

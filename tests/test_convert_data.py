@@ -12,6 +12,7 @@ from conftest import COMPAT_PKL, SAMPLE_PKL, run_script
 import config
 import data_io
 import dataset
+import packing
 import prompt
 
 
@@ -288,10 +289,10 @@ def test_pipelined_chunks_equal_the_plain_path(tiny_tokenizer, threads):
     rng_plain, rng_piped = random.Random(2), random.Random(2)
     expected = reference_tokenized(tiny_tokenizer, samples, "random", rng_plain)
     kept = [(ids[:48], labels[:48]) for ids, labels in expected
-            if labels[:48].count(dataset.IGNORE_INDEX) < len(labels[:48])]
+            if labels[:48].count(packing.IGNORE_INDEX) < len(labels[:48])]
     truncated = sum(len(ids) > 48 for ids, _ in expected)
     dropped = len(expected) - len(kept)
-    learned = sum(len(labels) - labels.count(dataset.IGNORE_INDEX) for _, labels in kept)
+    learned = sum(len(labels) - labels.count(packing.IGNORE_INDEX) for _, labels in kept)
     assert dropped > 0 and truncated > dropped     # a meta prompt + question longer than 48 leaves nothing
     got = dataset.tokenize_and_truncate(tiny_tokenizer, samples, "random", rng_piped, 48, batch_size=64,
                                         threads=threads)
@@ -325,14 +326,6 @@ def test_segments_past_max_length_are_not_tokenized(tiny_tokenizer, monkeypatch)
         work.append((prefixes.encoded, prefixes.rounds))
     (low_encoded, low_rounds), _, (high_encoded, high_rounds) = work
     assert low_encoded > high_encoded and low_rounds < high_rounds
-
-
-def test_token_lists_share_one_int_object_per_id(tiny_tokenizer):
-    prefixes = dataset.SegmentPrefixes(tiny_tokenizer)
-    lists = prefixes.tokenize([[("你好，世界", False), ("Hello world<end>", True)]])[0]
-    table = {id(value): value for value in prefixes.interned}
-    assert all(table.get(id(value)) == value for ids in lists for value in ids)
-    assert prefixes.intern([[3, len(tiny_tokenizer) + 5]]) == [[3, len(tiny_tokenizer) + 5]]  # widens its table
 
 
 def test_truncation_cuts_the_lists_in_place():

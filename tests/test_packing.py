@@ -1,5 +1,5 @@
 """Packing efficiency: rows hold whole samples spread evenly, and training computes no padding column
-that a whole micro-batch shares (dataset.pack_samples, dataset.collate_rows)."""
+that a whole micro-batch shares (packing.pack_samples, packing.collate_rows)."""
 import random
 
 import torch
@@ -9,6 +9,7 @@ from torch.utils.data.distributed import DistributedSampler
 import config
 import data_io
 import dataset
+import packing
 from conftest import REPO, run_script
 
 
@@ -17,7 +18,7 @@ def random_samples(rng, count, max_length):
     for index in range(count):
         length = min(max_length, int(rng.lognormvariate(5.5, 0.9)) + 2)
         ids = [3 + (index * 7 + j) % 97 for j in range(length)]
-        samples.append((ids, [dataset.IGNORE_INDEX] + ids[1:]))
+        samples.append((ids, [packing.IGNORE_INDEX] + ids[1:]))
     return samples
 
 
@@ -27,9 +28,9 @@ def test_rows_hold_every_sample_whole_once_in_as_few_rows_as_best_fit():
         for count in (40, 300):      # 40: rows with room to spare; 300: best fit fills them, nothing to spread
             rng = random.Random(seed)
             samples = random_samples(rng, count, 1024)
-            packed = dataset.pack_samples(samples, 1024, pad_token_id=0)
+            packed = packing.pack_samples(samples, 1024, pad_token_id=0)
             lengths = [len(ids) for ids, _ in samples]
-            assert len(packed["input_ids"]) == len(dataset._best_fit_rows(lengths, 1024))
+            assert len(packed["input_ids"]) == len(packing._best_fit_rows(lengths, 1024))
             found, loads = [], []
             for ids, labels, mask, starts in zip(packed["input_ids"], packed["labels"], packed["attention_mask"],
                                                  packed["sample_starts"]):
@@ -42,7 +43,7 @@ def test_rows_hold_every_sample_whole_once_in_as_few_rows_as_best_fit():
                 if len(starts) > 1:
                     loads.append(real)
             assert sorted(found) == sorted((tuple(i), tuple(l)) for i, l in samples)
-            if dataset._balanced_rows(lengths, len(packed["input_ids"]), 1024) is not None:
+            if packing._balanced_rows(lengths, len(packed["input_ids"]), 1024) is not None:
                 spread += 1
                 # spread evenly: rows of several samples within one mean sample length of each other
                 # (a row with one long sample cannot shrink)
@@ -53,7 +54,7 @@ def test_rows_hold_every_sample_whole_once_in_as_few_rows_as_best_fit():
 def test_full_data_falls_back_to_best_fit_rows():
     """Samples that fill their rows completely cannot be spread: the best-fit rows are kept."""
     samples = [([5] * n, [5] * n) for n in (60, 40, 70, 30, 100, 100)]
-    packed = dataset.pack_samples(samples, 100, pad_token_id=0)
+    packed = packing.pack_samples(samples, 100, pad_token_id=0)
     assert sorted(sum(m) for m in packed["attention_mask"]) == [100, 100, 100, 100]
 
 
@@ -65,18 +66,18 @@ def test_cut_micro_batch_gives_the_same_loss(tiny_model_dir, tiny_tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     rng = random.Random(0)
-    samples = [([3 + (7 * i + j) % 500 for j in range(n)], [dataset.IGNORE_INDEX] * 3 + [9] * (n - 3))
+    samples = [([3 + (7 * i + j) % 500 for j in range(n)], [packing.IGNORE_INDEX] * 3 + [9] * (n - 3))
                for i, n in enumerate([rng.randint(20, 90) for _ in range(9)])]
-    packed = dataset.pack_samples(samples, 256, pad_token_id=0)
+    packed = packing.pack_samples(samples, 256, pad_token_id=0)
     rows = dataset.PackedRows()
     rows.input_ids, rows.labels = packed["input_ids"], packed["labels"]
     rows.attention_mask, rows.sample_starts, rows.max_length = packed["attention_mask"], packed["sample_starts"], 256
     items = [rows[i] for i in range(len(rows))]
     assert len(items) >= 2
-    cut = dataset.collate_rows(items)
+    cut = packing.collate_rows(items)
     full = {key: torch.stack([item[key] for item in items]) for key in items[0]}
     longest = max(sum(m) for m in packed["attention_mask"])
-    assert cut["input_ids"].shape[1] == dataset.fed_length(longest, 256) < 256
+    assert cut["input_ids"].shape[1] == packing.fed_length(longest, 256) < 256
     assert cut["input_ids"].shape[1] % config.ROW_LENGTH_MULTIPLE == 0
     with torch.no_grad():
         cut_sum, cut_count = finetune.forward_loss_sum(model, cut, "sdpa", torch.float32)
@@ -101,7 +102,7 @@ def test_sample_data_at_2048_trains_on_99_percent_real_tokens(tiny_model_dir, ti
     for epoch in range(8):    # the pairs of rows change with the shuffle of every epoch
         sampler = DistributedSampler(rows, num_replicas=1, rank=0, shuffle=True, seed=config.TRAIN_SEED)
         sampler.set_epoch(epoch)
-        for batch in DataLoader(rows, batch_size=micro_batch, sampler=sampler, collate_fn=dataset.collate_rows):
+        for batch in DataLoader(rows, batch_size=micro_batch, sampler=sampler, collate_fn=packing.collate_rows):
             real += int(batch["attention_mask"].sum())
             fed += batch["input_ids"].numel()
     assert real == 8 * counts["real_tokens"]
