@@ -36,7 +36,6 @@ import argparse
 import collections
 import io
 import json
-import logging
 import os
 import time
 
@@ -45,10 +44,10 @@ import torch
 import transformers
 from tokenizers import normalizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaTokenizer
-from transformers.utils import logging as hf_logging
 
 import config
 import data_io
+import model_loader
 from data_io import DataError
 
 # LLaMA's fixed ids: <unk>, <s>, </s>, then the 256 byte-fallback pieces <0x00>..<0xFF>
@@ -260,20 +259,7 @@ def check_tokenizer(directory, texts):
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
-def quiet_model_imports():
-    """Call before the first use of a transformers model class.  Importing one imports torchao where it
-    is installed (transformers' quantizers), whose failed C-extension loads and torch's _pytree
-    deprecation notes are noise for a script that never quantizes; deepspeed, probed while a model is
-    built, would log that it falls back to the CPU."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    hf_logging.disable_progress_bar()
-
-
 def save_model(directory, vocab_size, hidden_size, num_layers, seed):
-    quiet_model_imports()
-
     t = config.TINY_MODEL
     model_config = LlamaConfig(
         vocab_size=vocab_size,
@@ -292,7 +278,8 @@ def save_model(directory, vocab_size, hidden_size, num_layers, seed):
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(model_config).to(torch.float32)
+    with model_loader.quiet_torchao_import():   # the first model class built imports torchao (noise here)
+        model = transformers.LlamaForCausalLM(model_config).to(torch.float32)
     model.save_pretrained(directory, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 

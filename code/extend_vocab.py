@@ -241,9 +241,9 @@ def piece_text(piece):
 def resize_model(model_dir, old_proto, added, old_size):
     """Load the model, append one embedding row per new piece (input and output), each the mean of the
     rows of the piece's text under the old tokenizer; return the model."""
-    build_tiny_model.quiet_model_imports()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        with model_loader.quiet_torchao_import():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     except Exception as e:
         raise DataError(f"--model_path {model_dir}: the model cannot be loaded ({type(e).__name__}: {e})")
     rows = model.get_input_embeddings().weight.shape[0]

@@ -57,7 +57,7 @@ import distributed
 import model_loader
 from data_io import DataError
 from model_loader import LoaderError
-from train_step import forward_loss_sum, make_engine, train_step  # noqa: F401  (forward_loss_sum: tests/test_packing.py)
+from train_step import make_engine, train_step
 
 
 # ----------------------------------------------------------------------------------------------

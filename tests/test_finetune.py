@@ -4,14 +4,12 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE_PKL, run_launcher, run_script
+from conftest import SAMPLE_PKL, run_launcher, run_script
 
 import config
 import data_io
@@ -185,7 +183,6 @@ def test_packed_row_loss_equals_samples_run_alone(tiny_model_dir, tiny_tokenizer
     """A packed row's token-mean loss equals the token-weighted loss of its samples run one by one."""
     from transformers import AutoModelForCausalLM
 
-    import finetune
     import prompt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()

@@ -10,6 +10,7 @@ import config
 import data_io
 import dataset
 import packing
+import train_step
 from conftest import REPO, run_script
 
 
@@ -80,8 +81,8 @@ def test_cut_micro_batch_gives_the_same_loss(tiny_model_dir, tiny_tokenizer):
     assert cut["input_ids"].shape[1] == packing.fed_length(longest, 256) < 256
     assert cut["input_ids"].shape[1] % config.ROW_LENGTH_MULTIPLE == 0
     with torch.no_grad():
-        cut_sum, cut_count = finetune.forward_loss_sum(model, cut, "sdpa", torch.float32)
-        full_sum, full_count = finetune.forward_loss_sum(model, full, "sdpa", torch.float32)
+        cut_sum, cut_count = train_step.forward_loss_sum(model, cut, "sdpa", torch.float32)
+        full_sum, full_count = train_step.forward_loss_sum(model, full, "sdpa", torch.float32)
     assert cut_count == full_count > 0
     assert abs(float(cut_sum) - float(full_sum)) < 1e-3 * abs(float(full_sum)) / full_count
 
