@@ -31,7 +31,7 @@ Two things differ from a real run, both outside the timed step:
   unless --precision says otherwise).
   Speed does not depend on weight values, and nothing of 26 GB is written or read;
 - data: the rows are random token ids in synthetic samples (a question of 4..S/16 tokens, not learned,
-  then an answer of 8..S/2 tokens, log-uniform, learned, then eos), packed by ``dataset.pack_samples``
+  then an answer of 8..S/2 tokens, log-uniform, learned, then eos), packed by ``packing.pack_samples``
   exactly as convert_data.py packs (a pool of at least 4x the rows used), and written as a small ids
   .pkl.  So rows hold several samples, position ids restart per sample and the block mask path runs;
   the share of real (non-pad) tokens of the timed rows is reported.
@@ -101,6 +101,7 @@ import dataset  # noqa: E402
 import distributed  # noqa: E402
 import finetune  # noqa: E402
 import model_loader  # noqa: E402
+import packing  # noqa: E402
 import train_step  # noqa: E402
 
 # the LLaMA-13B shape with CuteGPT's extended vocabulary (the shape of the H200 baseline)
@@ -251,10 +252,10 @@ def write_ids_file(path, shape, seq_len, rows_needed, seed):
     # rows as convert_data.py's does; the sampler draws the run's rows from the whole pool
     pool_rows = max(4 * rows_needed, 32)
     samples = synthetic_samples(rng, shape["vocab_size"], seq_len, int(pool_rows * seq_len * 0.97))
-    packed = dataset.pack_samples(samples, seq_len, pad_token_id=2)
+    packed = packing.pack_samples(samples, seq_len, pad_token_id=2)
     while len(packed["input_ids"]) < rows_needed:   # the sampler draws from all rows: keep a few spare
         samples += synthetic_samples(rng, shape["vocab_size"], seq_len, seq_len)
-        packed = dataset.pack_samples(samples, seq_len, pad_token_id=2)
+        packed = packing.pack_samples(samples, seq_len, pad_token_id=2)
     datas = dict(packed, format=dataset.IDS_FORMAT,
                  meta={"max_length": seq_len, "synthetic": "bench/bench_train.py", "samples": len(samples),
                        "seed": seed, "tokenizer": None, "special_end_token": False})
@@ -435,13 +436,13 @@ def free_memory(device):
 def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, reps=3):
     """Seconds per forward+backward of one layer's SDPA at the run's shape: the causal kernel without
     a mask (what plain causal training gets, flash-eligible) against finetune's block-diagonal mask
-    (dataset.block_causal_mask of the run's first micro-batch), with the default dispatch and with
+    (packing.block_causal_mask of the run's first micro-batch), with the default dispatch and with
     each backend forced.  A failure is recorded, never raised."""
     heads, head_dim = shape["num_heads"], shape["hidden_size"] // shape["num_heads"]
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(micro_batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
                .requires_grad_() for _ in range(3))
-    mask = dataset.block_causal_mask(position_ids.to(device), dtype)
+    mask = packing.block_causal_mask(position_ids.to(device), dtype)
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -479,11 +480,11 @@ def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, re
 
 def flex_timed(q, k, v, position_ids, reps):
     """Seconds per forward+backward of compiled FlexAttention with finetune's BlockMask
-    (dataset.block_causal_block_mask, built once), after one untimed call that compiles it; or the error."""
+    (packing.block_causal_block_mask, built once), after one untimed call that compiles it; or the error."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
-        block_mask = dataset.block_causal_block_mask(position_ids)
+        block_mask = packing.block_causal_block_mask(position_ids)
         flex = torch.compile(flex_attention)
         for rep in range(reps + 1):
             if rep == 1:

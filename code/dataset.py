@@ -8,8 +8,7 @@ end) -> rows of max_length holding whole samples, with the start of every sample
 Every dataset yields dicts of 1-D tensors: input_ids, labels, attention_mask (1 real, 0 pad) and
 position_ids, which restart at 0 at the start of every sample.  finetune.py turns position_ids
 into a block-diagonal causal mask (packing.block_causal_mask, or block_causal_block_mask for
-FlexAttention) so no token attends across samples.  The names of packing.py that training uses are
-importable from here too (``dataset.collate_rows``, ``dataset.block_causal_mask``, ...).
+FlexAttention) so no token attends across samples..
 
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
@@ -26,8 +25,6 @@ import config
 import prompt
 from data_io import DataError
 from packing import IGNORE_INDEX, pack_samples, row_item
-# the rest of packing.py that finetune.py, the benchmarks and the tests reach through this module
-from packing import block_causal_block_mask, block_causal_mask, collate_rows, fed_length  # noqa: F401
 
 IDS_FORMAT = "cutegpt-ids/1"
 # a fixed text whose ids fingerprint a tokenizer (recorded by convert_data, checked by training)

@@ -54,7 +54,9 @@ import config
 import data_io
 import dataset
 import distributed
+import fused_kernels
 import model_loader
+import packing
 from data_io import DataError
 from model_loader import LoaderError
 from train_step import make_engine, train_step
@@ -110,7 +112,7 @@ def build_parser():
                         "(FlexAttention BlockMask; CUDA GPU only, as it has no backward pass on a CPU) or flash "
                         "(flash-attn variable-length kernels) (default from config.TRAINING_ATTENTION: "
                         f"{config.TRAINING_ATTENTION})")
-    p.add_argument("--liger", nargs="?", const="all", default="off", choices=model_loader.LIGER_CHOICES,
+    p.add_argument("--liger", nargs="?", const="all", default="off", choices=fused_kernels.LIGER_CHOICES,
                    help="liger-kernel's fused Triton kernels (CUDA GPU + the liger-kernel package, "
                         "requirements-gpu.txt): '--liger' or '--liger all' = fused RMSNorm, SwiGLU and rotary "
                         "embedding plus its fused output-layer cross-entropy in place of the --loss_chunk loss; "
@@ -252,7 +254,7 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
     model.config.use_cache = False
     if getattr(args, "liger", "off") != "off":
         # fused RMSNorm / SwiGLU / rotary kernels on the base, before LoRA wraps its projections
-        model_loader.apply_liger(model, args.liger)
+        fused_kernels.apply_liger(model, args.liger)
     if args.use_lora:
         if args.quant != "none":
             # norms and embeddings in fp32, inputs that carry gradients into the checkpointed layers
@@ -297,7 +299,7 @@ def training_settings(args, device):
     precision = model_loader.training_precision(args.precision, device)
     ds_config = distributed.resolve_ds_config(args, precision, device)
     attn_implementation, attn_note = model_loader.training_attention(args.attention, device)
-    model_loader.check_liger(args.liger, device)
+    fused_kernels.check_liger(args.liger, device)
     return precision, model_loader.FLOAT_DTYPES[precision], ds_config, attn_implementation, attn_note
 
 
@@ -307,11 +309,11 @@ def epoch_batches(train_dataset, sampler, epoch, first_step, micro_batch, grad_a
     The epoch's order is fixed by (seed, epoch); a resumed epoch skips the rows already trained on.
     The loader has its own generator: a DataLoader iterator draws a seed, which would otherwise shift
     the global RNG stream (dropout) between a run and its resumption.  Each micro-batch is cut to its
-    longest row (dataset.collate_rows): padding is not computed.
+    longest row (packing.collate_rows): padding is not computed.
     """
     sampler.set_epoch(epoch)
     order = list(sampler)[first_step * grad_accum * micro_batch:]
-    batches = iter(DataLoader(train_dataset, batch_size=micro_batch, sampler=order, collate_fn=dataset.collate_rows,
+    batches = iter(DataLoader(train_dataset, batch_size=micro_batch, sampler=order, collate_fn=packing.collate_rows,
                               generator=torch.Generator().manual_seed(seed + epoch)))
     while group := [b for _, b in zip(range(grad_accum), batches)]:
         yield group

@@ -34,9 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 import config
 import data_io
 import demo_model
-from adapter_check import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weight_shapes,  # noqa: F401  (re-exported)
-                           check_adapter_fits, is_adapter_dir, read_adapter_config)
-from fused_kernels import LIGER_CHOICES, LIGER_PACKAGE, apply_liger, check_liger  # noqa: F401  (re-exported)
+from adapter_check import ADAPTER_CONFIG, check_adapter_fits, is_adapter_dir, read_adapter_config
 from model_paths import TOKENIZER_FILES, LoaderError, has_tokenizer, resolve_path  # noqa: F401  (re-exported)
 
 QUANT_CHOICES = ("int8", "nf4", "bf16", "fp16", "fp32")

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-import dataset
+import packing
 
 
 def _chunk_loss_sum(hidden, weight, bias, targets):
@@ -18,16 +18,16 @@ def attention_mask_for(attn_implementation, position_ids, dtype, attention_mask=
     """The mask that keeps the packed samples of a micro-batch apart, in the form the kernel takes.
 
     flash_attention_2: none (its variable-length kernels split samples at every position id 0);
-    flex_attention: a FlexAttention BlockMask (dataset.block_causal_block_mask; with ``attention_mask`` the
+    flex_attention: a FlexAttention BlockMask (packing.block_causal_block_mask; with ``attention_mask`` the
     padding is a document of its own), built once here and shared by every layer (transformers takes a
-    prebuilt 4-D mask as it is); sdpa/eager: the dense additive mask (dataset.block_causal_mask).  Every
+    prebuilt 4-D mask as it is); sdpa/eager: the dense additive mask (packing.block_causal_mask).  Every
     real token sees the same positions under all three.
     """
     if attn_implementation == "flash_attention_2":
         return None
     if attn_implementation == "flex_attention":
-        return dataset.block_causal_block_mask(position_ids, attention_mask)
-    return dataset.block_causal_mask(position_ids, dtype)
+        return packing.block_causal_block_mask(position_ids, attention_mask)
+    return packing.block_causal_mask(position_ids, dtype)
 
 
 def _liger_loss_sum(hidden, weight, bias, targets):
@@ -54,7 +54,7 @@ def forward_loss_sum(model, batch, attn_implementation, dtype, loss_chunk=0, fus
     hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
-    learned = targets != dataset.IGNORE_INDEX
+    learned = targets != packing.IGNORE_INDEX
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[learned]
     targets = targets[learned]
     head = causal_lm.get_output_embeddings()
@@ -93,7 +93,7 @@ def train_step(engine, micro_batches, device, world_size):
     (all micro-batches on all ranks) and multiplied by the world size, because DeepSpeed averages
     gradients over ranks: the update is the gradient of the step's token-mean loss.
     """
-    counts = torch.tensor([sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro_batches),
+    counts = torch.tensor([sum(int((b["labels"][:, 1:] != packing.IGNORE_INDEX).sum()) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches)],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)

@@ -10,6 +10,10 @@ import pytest
 
 from conftest import load_script, run_script
 
+import data_io
+import dataset
+import packing
+
 
 
 def load_bench():
@@ -17,9 +21,6 @@ def load_bench():
 
 
 def test_synthetic_rows_are_packed_with_several_samples(tmp_path):
-    import data_io
-    import dataset
-
     bench = load_bench()
     shape = bench.shape_of("tiny")
     path = str(tmp_path / "ids.pkl")
@@ -32,7 +33,7 @@ def test_synthetic_rows_are_packed_with_several_samples(tmp_path):
     item = rows[0]
     assert int((item["position_ids"] == 0).sum()) >= len(datas["sample_starts"][0])
     assert int(item["input_ids"].max()) < shape["vocab_size"]
-    learned = item["labels"] != dataset.IGNORE_INDEX
+    learned = item["labels"] != packing.IGNORE_INDEX
     assert 0 < int(learned.sum()) < int(item["attention_mask"].sum())
     again = str(tmp_path / "again.pkl")
     bench.write_ids_file(again, shape, 512, rows_needed=8, seed=3)

@@ -16,6 +16,7 @@ import data_io
 import dataset
 import distributed
 import finetune
+import packing
 import train_step
 
 MAX_LENGTH = 256
@@ -190,16 +191,16 @@ def test_packed_row_loss_equals_samples_run_alone(tiny_model_dir, tiny_tokenizer
     for dialogue in small_dialogues():
         ids, labels = prompt.encode_segments(tiny_tokenizer, prompt.conversation_segments(dialogue, template="zh"))
         samples.append((ids + [tiny_tokenizer.eos_token_id], labels + [tiny_tokenizer.eos_token_id]))
-    packed = dataset.pack_samples(samples, 512, dataset.pad_token_id_of(tiny_tokenizer))
+    packed = packing.pack_samples(samples, 512, dataset.pad_token_id_of(tiny_tokenizer))
     assert len(packed["input_ids"]) == 1 and len(packed["sample_starts"][0]) == 4
-    row = dataset.row_item(packed["input_ids"][0], packed["labels"][0], packed["attention_mask"][0],
+    row = packing.row_item(packed["input_ids"][0], packed["labels"][0], packed["attention_mask"][0],
                            packed["sample_starts"][0], 512)
     batch = {k: v.unsqueeze(0) for k, v in row.items()}
     with torch.no_grad():
         loss_sum, count = train_step.forward_loss_sum(model, batch, "sdpa", torch.float32)
         alone_sum, alone_count = 0.0, 0
         for ids, labels in samples:
-            single = dataset.row_item(ids, labels, [1] * len(ids), [0], len(ids))
+            single = packing.row_item(ids, labels, [1] * len(ids), [0], len(ids))
             s, n = train_step.forward_loss_sum(model, {k: v.unsqueeze(0) for k, v in single.items()}, "sdpa", torch.float32)
             alone_sum, alone_count = alone_sum + float(s), alone_count + n
         assert count == alone_count
@@ -309,7 +310,7 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, 
     whole_loss, whole_count, whole_grads = loss_and_grads(0)
     # the reference: the model's own logits over every position, masked the same way
     with torch.no_grad():
-        mask = dataset.block_causal_mask(batch["position_ids"], torch.float32)
+        mask = packing.block_causal_mask(batch["position_ids"], torch.float32)
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
         reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                       batch["labels"][:, 1:].reshape(-1), reduction="sum")

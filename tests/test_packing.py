@@ -63,8 +63,6 @@ def test_cut_micro_batch_gives_the_same_loss(tiny_model_dir, tiny_tokenizer):
     """Cutting a micro-batch to its longest row changes nothing the loss sees."""
     from transformers import AutoModelForCausalLM
 
-    import finetune
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     rng = random.Random(0)
     samples = [([3 + (7 * i + j) % 500 for j in range(n)], [packing.IGNORE_INDEX] * 3 + [9] * (n - 3))

@@ -24,9 +24,10 @@ import torch
 from conftest import REPO, SAMPLE_PKL
 
 import config
-import dataset
 import finetune
+import fused_kernels
 import model_loader
+import packing
 import train_step
 from model_loader import LoaderError
 
@@ -60,8 +61,8 @@ def packed_batch(seed=0):
         prompt, answer = rng.randint(5, 20), rng.randint(10, 60)
         ids = [rng.randrange(3, config.TINY_MODEL["vocab_size"]) for _ in range(prompt + answer)] + [2]
         samples.append((ids, [-100] * prompt + ids[prompt:]))
-    packed = dataset.pack_samples(samples, LENGTH, pad_token_id=2)
-    rows = [dataset.row_item(packed["input_ids"][i], packed["labels"][i], packed["attention_mask"][i],
+    packed = packing.pack_samples(samples, LENGTH, pad_token_id=2)
+    rows = [packing.row_item(packed["input_ids"][i], packed["labels"][i], packed["attention_mask"][i],
                              packed["sample_starts"][i], LENGTH) for i in range(2)]
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     assert all(len(packed["sample_starts"][i]) >= 2 for i in range(2))      # really packed
@@ -80,13 +81,13 @@ def flex_uncompiled():
 def test_block_mask_allows_exactly_the_dense_mask_pairs():
     batch, _ = packed_batch()
     position_ids = batch["position_ids"]
-    block_mask = dataset.block_causal_block_mask(position_ids, batch["attention_mask"])
+    block_mask = packing.block_causal_block_mask(position_ids, batch["attention_mask"])
     assert tuple(block_mask.shape) == (2, 1, LENGTH, LENGTH)
     b = torch.arange(2).view(2, 1, 1)
     q = torch.arange(LENGTH).view(1, LENGTH, 1)
     kv = torch.arange(LENGTH).view(1, 1, LENGTH)
     allowed = block_mask.mask_mod(b, torch.zeros_like(b), q, kv)                    # (2, L, L)
-    dense_allowed = dataset.block_causal_mask(position_ids, torch.float32)[:, 0] == 0
+    dense_allowed = packing.block_causal_mask(position_ids, torch.float32)[:, 0] == 0
     for row in range(2):
         real = int(batch["attention_mask"][row].sum())
         # every real token sees exactly what the dense SDPA mask lets it see
@@ -95,12 +96,12 @@ def test_block_mask_allows_exactly_the_dense_mask_pairs():
         assert not allowed[row, real:, :real].any()
         assert torch.equal(allowed[row, real:, real:], torch.ones(LENGTH - real, LENGTH - real, dtype=torch.bool).tril())
     # without the attention mask the padding belongs to the last sample, as in the dense mask
-    no_pad_info = dataset.block_causal_block_mask(position_ids)
+    no_pad_info = packing.block_causal_block_mask(position_ids)
     assert torch.equal(no_pad_info.mask_mod(b, torch.zeros_like(b), q, kv), dense_allowed)
     # 128 x 128 tiles that lie entirely across samples are skipped: 4 x 4 tiles, causal keeps 10 of 16; two
     # samples of 256 keep 3 + 3
-    causal = dataset.block_causal_block_mask(torch.arange(512).view(1, 512))
-    two_samples = dataset.block_causal_block_mask(torch.arange(512).remainder(256).view(1, 512))
+    causal = packing.block_causal_block_mask(torch.arange(512).view(1, 512))
+    two_samples = packing.block_causal_block_mask(torch.arange(512).remainder(256).view(1, 512))
     assert (causal.sparsity(), two_samples.sparsity()) == (100 * 6 / 16, 100 * 10 / 16)
 
 
@@ -159,9 +160,9 @@ def test_attention_choice_and_its_refusals():
 
 
 def test_liger_refuses_on_cpu_and_without_the_package():
-    model_loader.check_liger("off", torch.device("cpu"))                     # nothing asked, nothing checked
+    fused_kernels.check_liger("off", torch.device("cpu"))                     # nothing asked, nothing checked
     with pytest.raises(LoaderError, match=r"--liger needs a CUDA GPU: liger-kernel's kernels are Triton GPU code"):
-        model_loader.check_liger("all", torch.device("cpu"))
+        fused_kernels.check_liger("all", torch.device("cpu"))
     try:
         import liger_kernel.transformers  # noqa: F401
         pytest.skip("liger-kernel is installed here; the missing-package message cannot be shown")
@@ -170,7 +171,7 @@ def test_liger_refuses_on_cpu_and_without_the_package():
     # a CUDA device (not touched: the package check comes first) without the package
     with pytest.raises(LoaderError, match=r"--liger needs the liger-kernel package \(and triton\).*"
                                           r"requirements-gpu\.txt"):
-        model_loader.check_liger("kernels", torch.device("cuda"))
+        fused_kernels.check_liger("kernels", torch.device("cuda"))
 
 
 def test_finetune_stops_with_one_message_for_gpu_only_levers(tmp_path):
