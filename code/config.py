@@ -63,12 +63,10 @@ LORA_ALPHA = 16            # scaling = alpha / r = 2
 LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 
-# --------------------------------------------------------------------------------------------
-# DeepSpeed.  finetune.py picks DS_CONFIG_lora with --use_lora, else DS_CONFIG_ft.
+# ---- DeepSpeed.  finetune.py picks DS_CONFIG_lora with --use_lora, else DS_CONFIG_ft.
 # --lr, --warmup_steps, --micro_batch_size, --grad_accum, --zero_stage override single values;
 # --deepspeed_config FILE.json replaces the whole dict.
 # bf16 is switched off automatically where the device lacks it (CPU runs train in fp32).
-# --------------------------------------------------------------------------------------------
 # What both modes share: bf16, ZeRO stage 1, a linear warm-up over 300 steps (then constant: the seed's
 # schedule shape), gradient clipping at 1.0.
 _DS_SHARED = {
