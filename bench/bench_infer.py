@@ -54,12 +54,12 @@ from transformers import StoppingCriteriaList
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 
+# training and inference are measured and recorded alike (bench_common): the model shapes (13B: LLaMA-13B
+# with CuteGPT's vocabulary, the shape of the H200 baseline), the machine description and the JSON report
+import bench_common  # noqa: E402
 import chat  # noqa: E402
 import config  # noqa: E402
 import model_loader  # noqa: E402
-# training and inference are measured and recorded alike: the model shapes (13B: LLaMA-13B with CuteGPT's
-# vocabulary, the shape of the H200 baseline), the machine description and the JSON report are shared
-import bench_common  # noqa: E402
 from bench_common import free_memory, peak_memory, reset_peak, say, shape_of, sync, write_json  # noqa: E402
 
 # variant: (--quant, --fast, where the weights come from)

@@ -70,7 +70,6 @@ import argparse
 import logging
 import math
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -94,7 +93,7 @@ import packing  # noqa: E402
 import train_figures  # noqa: E402
 import train_step  # noqa: E402
 from attention_probe import attention_probe, say_probe  # noqa: E402
-from bench_common import free_memory, say, shape_of, sync, write_json  # noqa: E402
+from bench_common import free_memory, reset_peak, say, shape_of, sync, write_json  # noqa: E402
 
 # each variant is a set of finetune.py flags; checkpointing must not change the loss
 VARIANTS = {
@@ -130,9 +129,6 @@ REQUIRED = ("torch", "transformers", "peft", "deepspeed")
 OPTIONAL = ("bitsandbytes", "flash_attn", "liger_kernel", "torchao")
 
 
-# ----------------------------------------------------------------------------------------------
-# packages
-# ----------------------------------------------------------------------------------------------
 def check_packages():
     """Import what the step needs; name any missing package (and what it is missing) and exit 2.
 
@@ -157,7 +153,7 @@ def check_packages():
 
 
 # ----------------------------------------------------------------------------------------------
-# model shape, weights, data
+# model directory and synthetic data
 # ----------------------------------------------------------------------------------------------
 def write_config_dir(shape, seq_len, directory):
     """A config-only model directory (config.json) of the shape: what --model_path points at."""
@@ -194,8 +190,7 @@ def write_ids_file(path, shape, seq_len, rows_needed, seed):
     datas = dict(packed, format=dataset.IDS_FORMAT,
                  meta={"max_length": seq_len, "synthetic": "bench/bench_train.py", "samples": len(samples),
                        "seed": seed, "tokenizer": None, "special_end_token": False})
-    with open(path, "wb") as f:
-        pickle.dump(datas, f, protocol=pickle.HIGHEST_PROTOCOL)
+    data_io.atomic_write_pickle(path, datas)
     real = sum(sum(m) for m in packed["attention_mask"])
     return {"rows": len(packed["input_ids"]), "samples": len(samples),
             "real_token_share_all_rows": real / (len(packed["input_ids"]) * seq_len)}
@@ -275,8 +270,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=0, shuffle=True, seed=args.seed)
 
     free_memory(device)
+    reset_peak(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         result["mem_allocated_at_start_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     torch.manual_seed(args.seed)   # as finetune.main: same base weights and LoRA init in every variant
     t0 = time.perf_counter()
@@ -291,7 +286,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     groups = finetune.epoch_batches(train_dataset, sampler, 0, 0, ds_config["train_micro_batch_size_per_gpu"],
                                     ds_config["gradient_accumulation_steps"], args.seed)
     timing = time_steps(name, engine, groups, opts, device, world_size)
-    result.update(train_figures.speed_figures(timing, opts, shape, lora_params, base_params, args.gradient_checkpointing, device))
+    result.update(train_figures.speed_figures(timing, opts, shape, lora_params, base_params,
+                                              args.gradient_checkpointing, device))
 
     # free everything before the next variant
     if hasattr(engine, "destroy"):
