@@ -111,12 +111,6 @@ def say_versions(versions):
     say("packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in versions.items()))
 
 
-def exit_missing(message):
-    """One error line naming what is missing, and exit 2 (before any work)."""
-    print("error: " + message, file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 # ----------------------------------------------------------------------------------------------
 # model shapes with random weights
 # ----------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_common  # noqa: E402
 import chat  # noqa: E402
 import config  # noqa: E402
+import data_io  # noqa: E402
 import model_loader  # noqa: E402
 from bench_common import free_memory, peak_memory, reset_peak, say, shape_of, sync, write_json  # noqa: E402
 
@@ -105,8 +106,8 @@ def check_packages(variant_list):
             missing.append(f"{package} (needed by {', '.join(users)})")
     bench_common.say_versions(versions)
     if missing:
-        bench_common.exit_missing("missing package(s): " + "; ".join(missing) + ".  Install them (pip install -r "
-                                  "requirements.txt) or leave those variants out of --variants.")
+        data_io.fail("missing package(s): " + "; ".join(missing) + ".  Install them (pip install -r "
+                     "requirements.txt) or leave those variants out of --variants.")
     return versions
 
 

@@ -145,7 +145,7 @@ def check_packages():
     versions.update((name, bench_common.installed_version(name)) for name in OPTIONAL)
     bench_common.say_versions(versions)
     if missing:
-        bench_common.exit_missing(
+        data_io.fail(
             "cannot run finetune.py's training step without: " + "; ".join(missing) + ".  Install it (pip install "
             "-r requirements.txt; deepspeed also needs hjson, ninja, py-cpuinfo, msgpack, einops, pydantic, psutil) "
             "and re-run.")
