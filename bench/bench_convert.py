@@ -33,16 +33,12 @@ same heap.  The project tokenizes only the segments that hold a token within --m
 counts them); --max_dialogues_per_sample 1 gives a workload with few samples truncated.
 """
 import argparse
-import datetime
 import gc
 import hashlib
-import importlib.metadata as md
-import json
 import os
 import pickle
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,11 +46,9 @@ import time
 import sentencepiece as spm
 from transformers import SentencePieceBackend
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODE = os.path.join(REPO, "code")
-if CODE not in sys.path:
-    sys.path.insert(0, CODE)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 
+import bench_common  # noqa: E402
 import config  # noqa: E402
 import convert_data  # noqa: E402
 import data_io  # noqa: E402
@@ -63,100 +57,9 @@ import model_loader  # noqa: E402
 import packing  # noqa: E402
 import prompt  # noqa: E402
 from data_io import DataError  # noqa: E402
+from synthetic_dialogues import synthetic_dialogues, write_jsonl  # noqa: E402
 
-SAMPLE_DATA = os.path.join(REPO, "data", "test", "ift_data.pkl")
 TARGET_SPEEDUP = 10.0
-
-# ----------------------------------------------------------------------------------------------
-# synthetic dialogues (fragments written for this benchmark, recombined by a seeded rng)
-# ----------------------------------------------------------------------------------------------
-ZH = {
-    "subject": ["我们", "这个项目", "小王", "研究小组", "一位老师", "这家小公司", "城市里的居民", "学生们",
-                "新来的同事", "图书馆", "社区医院", "我的邻居"],
-    "verb": ["需要改进", "希望了解", "正在讨论", "计划整理", "仔细分析了", "重新安排了", "比较了", "记录了",
-             "总结了", "关心"],
-    "object": ["数据的质量", "明天的天气", "三种不同的方案", "一份详细的报告", "下学期的课程", "旅行的路线",
-               "实验的结果", "健康的饮食习惯", "程序的结构", "古代的诗歌", "家里的预算", "公园的绿化"],
-    "adverbial": ["在过去的一年里", "为了节省时间", "经过仔细的思考", "按照老师的建议", "在周末的时候",
-                  "从长远来看", "和大家商量以后", "趁着天气好"],
-    "reason": ["因为这样更加清楚", "所以结果更可靠", "但是还需要更多数据", "而且成本不高", "这样大家都能参与"],
-    "question": ["请解释{object}。", "怎样才能{verb}{object}？", "{subject}为什么{verb}{object}？",
-                 "请列出{n}条关于{object}的建议。", "{subject}{adverbial}应该怎么做？", "用一句话概括{object}。",
-                 "请根据下面的内容回答问题。", "下面这段话的主要意思是什么？"],
-}
-EN = {
-    "subject": ["We", "The team", "My brother", "A small company", "The students", "Our teacher", "The city council",
-                "A new colleague", "The library", "Everyone in the village"],
-    "verb": ["improved", "discussed", "planned", "measured", "compared", "wrote down", "summarized", "reviewed",
-             "changed", "explained"],
-    "object": ["the quality of the data", "the weather tomorrow", "three different plans", "a detailed report",
-               "the course schedule", "the travel route", "the test results", "healthy eating habits",
-               "the structure of the program", "an old poem", "the family budget", "the new park"],
-    "adverbial": ["last year", "to save time", "after some careful thought", "as the teacher suggested",
-                  "on the weekend", "in the long run", "after talking with everyone", "while the weather was good"],
-    "reason": ["because it makes things clearer", "so the result is more reliable", "but more data is needed",
-               "and it does not cost much", "so that everyone can take part"],
-    "question": ["Explain {object}.", "How can we improve {object}?", "Why did {subject_l} review {object}?",
-                 "List {n} ideas about {object}.", "What should {subject_l} do {adverbial}?",
-                 "Summarize {object} in one sentence.", "Answer the question using the text below.",
-                 "What is the main point of the following passage?"],
-}
-
-
-def _fill(rng, words, template):
-    subject = rng.choice(words["subject"])
-    return template.format(subject=subject, subject_l=subject[0].lower() + subject[1:], verb=rng.choice(words["verb"]),
-                           object=rng.choice(words["object"]), adverbial=rng.choice(words["adverbial"]),
-                           n=rng.randint(2, 9))
-
-
-def _sentence(rng, words, zh):
-    subject, verb, obj = rng.choice(words["subject"]), rng.choice(words["verb"]), rng.choice(words["object"])
-    adverbial, reason = rng.choice(words["adverbial"]), rng.choice(words["reason"])
-    number = rng.randint(1, 2024)
-    if zh:
-        forms = [f"{subject}{adverbial}{verb}{obj}，{reason}。", f"{subject}{verb}{obj}。",
-                 f"{adverbial}，{subject}一共{verb}{number}次{obj}！", f"关于{obj}，{subject}{verb}不少细节；{reason}。"]
-    else:
-        forms = [f"{subject} {verb} {obj} {adverbial}, {reason}.", f"{subject} {verb} {obj}.",
-                 f"{adverbial.capitalize()}, {subject.lower()} {verb} {obj} {number} times!",
-                 f"About {obj}: {subject.lower()} {verb} many details; {reason}."]
-    return rng.choice(forms)
-
-
-def _answer(rng, words, zh):
-    count = rng.randint(1, 6)
-    sentences = [_sentence(rng, words, zh) for _ in range(count)]
-    if count > 2 and rng.random() < 0.3:  # a numbered list, one item per line
-        return "\n".join(f"{i}. {s}" for i, s in enumerate(sentences, 1))
-    return ("" if zh else " ").join(sentences)
-
-
-def synthetic_dialogues(count, seed):
-    """``count`` dialogues of 1-5 turns, Chinese or English (a few mixed), about 30% of turns with an input.
-
-    No text starts with a space (the fast and SentencePiece tokenizers differ only there)."""
-    rng = random.Random(seed)
-    dialogues = []
-    for _ in range(count):
-        zh = rng.random() < 0.55
-        turns = []
-        for _ in range(rng.randint(1, 5)):
-            # one turn in ten asks in the other language
-            words = ZH if (zh != (rng.random() < 0.1)) else EN
-            turn_zh = words is ZH
-            has_input = rng.random() < 0.3
-            instruction = _fill(rng, words, rng.choice(words["question"]))
-            input_text = "".join(_sentence(rng, words, turn_zh) for _ in range(rng.randint(1, 3))) if has_input else ""
-            turns.append({"instruction": instruction, "input": input_text, "output": _answer(rng, words, turn_zh)})
-        dialogues.append(turns)
-    return dialogues
-
-
-def write_jsonl(dialogues, path):
-    with open(path, "w", encoding="utf-8") as f:
-        for dialogue in dialogues:
-            f.write(json.dumps(dialogue, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,33 +108,11 @@ def convert_per_piece(args, load):
 # ----------------------------------------------------------------------------------------------
 # bookkeeping
 # ----------------------------------------------------------------------------------------------
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def versions():
     out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "sentencepiece"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
+    out.update((name, bench_common.installed_version(name))
+               for name in ("torch", "transformers", "tokenizers", "sentencepiece"))
     return out
-
-
-def build_tiny_tokenizer(out_dir):
-    proc = subprocess.run([sys.executable, os.path.join(CODE, "build_tiny_model.py"), "--data", SAMPLE_DATA,
-                           "--out", out_dir], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise DataError(f"building the tiny tokenizer failed ({proc.returncode}):\n{proc.stderr.strip()}")
-    return out_dir
 
 
 def timed(function, *args, **kwargs):
@@ -322,7 +203,7 @@ def tokenizer_under_test(args, workdir):
     """(directory, description) of the tokenizer to convert with: --tokenizer, or a tiny one built now."""
     if args.tokenizer is None:
         print("building the tiny tokenizer (code/build_tiny_model.py) ...", flush=True)
-        tokenizer_dir = build_tiny_tokenizer(os.path.join(workdir, "tiny"))
+        tokenizer_dir = bench_common.build_tiny_model(os.path.join(workdir, "tiny"))
         tokenizer_name = "tiny SentencePiece BPE built by code/build_tiny_model.py from data/test/ift_data.pkl"
     else:
         tokenizer_dir = model_loader.resolve_path(args.tokenizer, "--tokenizer")
@@ -383,7 +264,7 @@ def results_table(times, threads, dialogues, tokens):
             for name, how, runs in methods]
 
 
-def run(args, workdir):
+def run(args, workdir, argv=None):
     """Build the workload, time the three methods, check their outputs; return the report (a dict)."""
     tokenizer_dir, tokenizer_name = tokenizer_under_test(args, workdir)
     dialogues = synthetic_dialogues(args.dialogues, args.seed)
@@ -410,13 +291,13 @@ def run(args, workdir):
     speedup = min(times["seed"]) / min(times["project"])   # each method's best round
     return {
         "benchmark": "bench/bench_convert.py",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "usable_cores": dataset.usable_cores(),
+        "date_utc": bench_common.utc_now() + " UTC",
+        "machine": {"cpu": bench_common.cpu_model(), "cpus": os.cpu_count(), "usable_cores": dataset.usable_cores(),
                     "load_average": load_at_start,
                     "platform": platform.platform(),
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "versions": versions(),
-        "command": "python " + " ".join(["bench/bench_convert.py"] + sys.argv[1:]),
+        "command": bench_common.command_line("bench/bench_convert.py", argv),
         "tokenizer": tokenizer_name,
         "tokenizer_vocab_size": counts["tokenizer_vocab_size"],
         "dialogues": len(dialogues),
@@ -482,12 +363,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_convert_") as workdir:
-            report = run(args, workdir)
+            report = run(args, workdir, argv)
     except DataError as e:
         data_io.fail(str(e))
     print_report(report)
     if args.json:
-        data_io.atomic_write_json(args.json, report)
+        bench_common.write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0 if report["ids_identical"] else 1
 

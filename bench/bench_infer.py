@@ -40,14 +40,8 @@ recorded with its error and the next one still runs (exit 1 at the end); the JSO
 every variant, so a time-out keeps what was measured.
 """
 import argparse
-import datetime
-import gc
-import importlib.metadata
-import importlib.util
 import os
 import platform
-import resource
-import shlex
 import shutil
 import sys
 import tempfile
@@ -56,19 +50,18 @@ import time
 import traceback
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-# code/ for the project's modules; bench/ for bench_train also when this file is loaded by its path (tests)
-sys.path[:0] = [os.path.join(REPO, "code"), BENCH]
-import build_tiny_model  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
+
+# training and inference are measured and recorded alike (bench_common): the model shapes (13B: LLaMA-13B
+# with CuteGPT's vocabulary, the shape of the H200 baseline), the machine description and the JSON report
+import bench_common  # noqa: E402
 import chat  # noqa: E402
 import config  # noqa: E402
+import data_io  # noqa: E402
 import model_loader  # noqa: E402
-# the model shapes (13B: LLaMA-13B with CuteGPT's vocabulary, the shape of the H200 baseline), the machine
-# description and the JSON writer are bench_train's: training and inference are measured and recorded alike
-from bench_train import machine_info, shape_of, write_json  # noqa: E402
+from bench_common import free_memory, peak_memory, reset_peak, say, shape_of, sync, write_json  # noqa: E402
 
 # variant: (--quant, --fast, where the weights come from)
 VARIANTS = {
@@ -99,20 +92,11 @@ BASELINE = {
 TARGETS = {"int8_fast": {"decode_tokens_per_s": 100, "peak_mem_GiB": 16}, "bf16_fast": {"decode_tokens_per_s": 120}}
 
 
-def say(*args):
-    print(*args, flush=True)
-
-
 def check_packages(variant_list):
     """Versions of what is installed; exit 2 naming any package a requested variant needs."""
-    versions, missing = {}, []
-    for name in ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "torchao", "peft"):
-        versions[name] = None
-        if importlib.util.find_spec(name) is not None:
-            try:
-                versions[name] = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                versions[name] = "installed"
+    versions = {name: bench_common.installed_version(name)
+                for name in ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "torchao", "peft")}
+    missing = []
     for name in ("torch", "transformers"):
         if versions[name] is None:
             missing.append(f"{name} (needed by every variant)")
@@ -120,11 +104,10 @@ def check_packages(variant_list):
         if versions[package] is None:
             users = [v for v in variant_list if NEEDS.get(v) == package]
             missing.append(f"{package} (needed by {', '.join(users)})")
-    say("packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in versions.items()))
+    bench_common.say_versions(versions)
     if missing:
-        print("error: missing package(s): " + "; ".join(missing) + ".  Install them (pip install -r "
-              "requirements.txt) or leave those variants out of --variants.", file=sys.stderr, flush=True)
-        sys.exit(2)
+        data_io.fail("missing package(s): " + "; ".join(missing) + ".  Install them (pip install -r "
+                     "requirements.txt) or leave those variants out of --variants.")
     return versions
 
 
@@ -133,14 +116,9 @@ def check_packages(variant_list):
 # ----------------------------------------------------------------------------------------------
 def prepare_model_dir(shape, directory, tokenizer_dir):
     """config.json of the shape + the tokenizer files: what --model_path points at (weights added later
-    by save_random_weights when a variant loads them)."""
+    by bench_common.save_random_weights when a variant loads them)."""
     os.makedirs(directory, exist_ok=True)
-    LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
-                num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_heads"],
-                max_position_embeddings=shape["max_position_embeddings"], rms_norm_eps=1e-6,
-                initializer_range=shape["initializer_range"], bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                tie_word_embeddings=False).save_pretrained(directory)
+    bench_common.llama_config(shape, pad_token_id=0).save_pretrained(directory)
     for name in os.listdir(tokenizer_dir):
         if name.startswith("tokenizer") or name == "special_tokens_map.json":
             shutil.copy(os.path.join(tokenizer_dir, name), directory)
@@ -150,33 +128,14 @@ def prepare_model_dir(shape, directory, tokenizer_dir):
 def build_tokenizer(directory):
     """The tiny model of code/build_tiny_model.py (its SentencePiece tokenizer is the one used)."""
     if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-        build_tiny_model.main(["--data", os.path.join(REPO, "data", "test", "ift_data.pkl"), "--out", directory])
+        bench_common.build_tiny_model(directory)
     return directory
 
 
 def random_model(model_dir, device, dtype, seed):
-    """A model of the directory's config with random weights, built directly on ``device``."""
+    """A model of the directory's config with seeded random weights, built directly on ``device``."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
-    return model.eval()
-
-
-def has_weights(model_dir):
-    return any(os.path.isfile(os.path.join(model_dir, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
-
-
-def save_random_weights(model_dir, device, seed):
-    """Random weights (bf16 on a GPU, fp32 on a CPU) saved into ``model_dir`` once, for the loader."""
-    if has_weights(model_dir):
-        return 0.0
-    start = time.perf_counter()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_model(model_dir, device, dtype, seed)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    del model
-    free_memory(device)
-    return time.perf_counter() - start
+    return bench_common.random_model(model_dir, device, dtype).eval()
 
 
 def quantize_in_memory(model):
@@ -216,28 +175,6 @@ def load_variant(name, model_dir, device, seed):
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def generate_ids(model, tokenizer, input_ids, new_tokens):
     """Generated ids (batch, new) through the real path: chat.Reply at batch 1, else model.generate
     with chat's arguments and stop criterion in a fresh thread."""
@@ -296,7 +233,9 @@ def run_variant(name, opts, model_dir, device):
     result = {"variant": name, "quant": quant, "fast": fast}
     free_memory(device)
     if source == "loader":
-        result["weights_saved_s"] = save_random_weights(model_dir, device, opts.seed)
+        # bf16 on a GPU, fp32 on a CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        result["weights_saved_s"] = bench_common.save_random_weights(model_dir, device, dtype, opts.seed)
     free_memory(device)
     reset_peak(device)
     start = time.perf_counter()
@@ -359,9 +298,7 @@ def table(results, memory_unit):
                          f"{f['decode_tokens_per_s']:.1f}", f"{f['peak_mem_GiB']:.2f}", f"{f['first_call_s']:.1f}",
                          f"{f['startup_s']:.1f}", f"{payoff:,.0f} tokens" if payoff else "",
                          f"x{ratio:.1f}" if ratio else ""])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return bench_common.markdown_table(head, rows)
 
 
 def parse_args(argv=None):
@@ -420,8 +357,8 @@ def new_report(opts, argv, versions, device, machine, memory_unit):
     """The JSON report before any variant ran (rewritten after each one)."""
     return {
         "benchmark": "bench/bench_infer.py",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "python bench/bench_infer.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date_utc": bench_common.utc_now(),
+        "command": bench_common.command_line("bench/bench_infer.py", argv),
         "machine": machine, "versions": dict(versions, torch=torch.__version__), "device": str(device),
         "shape_name": opts.shape, "shape": shape_of(opts.shape), "prompt_len": opts.prompt_len,
         "new_tokens": opts.new_tokens, "batch_sizes": opts.batch_list, "seed": opts.seed, "fast_config": config.FAST,
@@ -489,8 +426,8 @@ def main(argv=None):
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    machine = machine_info(device)
-    memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
+    machine = bench_common.machine_info(device)
+    memory_unit = bench_common.memory_unit(device)
     say(f"device: {device} ({machine.get('gpu') or platform.processor()}); shape {opts.shape}: "
         f"{shape_of(opts.shape)}; prompt {opts.prompt_len} tokens, {opts.new_tokens} new, batch sizes "
         f"{opts.batch_list}; fast path: {config.FAST}")

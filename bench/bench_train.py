@@ -42,9 +42,9 @@ change the loss.  The per-step losses of every variant are compared with the fir
 same --lora_dropout; a difference above --loss_tol makes the script exit 1 (after the table and JSON).
 The default tolerance depends on the precision (LOSS_TOL): 1e-3 in fp32, where the CPU variants agree
 exactly; 2e-2 in bf16/fp16, where kernels that round differently (FlexAttention, liger's fused kernels)
-and even activation recomputation move the 13B step loss of ~11.9 (measured: 1.8e-3 between plain and
-checkpointing on an H200).  A variant that cannot run here (FlexAttention or liger-kernel on a CPU, a
-package that is not installed) is recorded as skipped with the reason.  liger-kernel patches transformers'
+and even activation recomputation move the 13B step loss of ~11.9 by a few 1e-3.  A variant that cannot
+run here (FlexAttention or liger-kernel on a CPU, a package that is not installed) is recorded as skipped
+with the reason.  liger-kernel patches transformers'
 LLaMA module for the whole process, so liger variants must come after all others in --variants.
 
 Figures (after --warmup untimed steps; GPU work is synchronised before each clock read):
@@ -67,20 +67,10 @@ was measured.  Defaults: --seq_len 2048 for 13b and 512 for tiny, micro-batch 2,
 per optimizer step (--grad_accum 1, as the baseline), variants plain and checkpointing.
 """
 import argparse
-import contextlib
-import datetime
-import gc
-import importlib.metadata
-import importlib.util
-import json
 import logging
 import math
 import os
-import pickle
-import platform
 import random
-import resource
-import shlex
 import sys
 import tempfile
 import time
@@ -89,24 +79,21 @@ import weakref
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 
-import config  # noqa: E402
+import bench_common  # noqa: E402
 import data_io  # noqa: E402
 import dataset  # noqa: E402
 import distributed  # noqa: E402
 import finetune  # noqa: E402
 import model_loader  # noqa: E402
 import packing  # noqa: E402
+import train_figures  # noqa: E402
 import train_step  # noqa: E402
-
-# the LLaMA-13B shape with CuteGPT's extended vocabulary (the shape of the H200 baseline)
-SHAPE_13B = {"vocab_size": 49954, "hidden_size": 5120, "num_layers": 40, "num_heads": 40, "num_kv_heads": 40,
-             "intermediate_size": 13824, "max_position_embeddings": 2048, "initializer_range": 0.02}
+from attention_probe import attention_probe, say_probe  # noqa: E402
+from bench_common import free_memory, reset_peak, say, shape_of, sync, write_json  # noqa: E402
 
 # each variant is a set of finetune.py flags; checkpointing must not change the loss
 VARIANTS = {
@@ -132,33 +119,16 @@ VARIANTS = {
     "qlora_nf4": ["--quant", "nf4", "--gradient_checkpointing"],
     "qlora_int8": ["--quant", "int8", "--gradient_checkpointing"],
 }
-# variants whose loss is not compared (quantized weights compute a different function)
-LOSS_NOT_COMPARED = ("qlora_nf4", "qlora_int8")
 # default --loss_tol by precision: fp32 variants agree exactly on the CPU; bf16 keeps 8 bits of mantissa
-# (a relative step of 2^-8 = 0.4%), and kernels that round differently move the mean loss of a 13B step
-# (~11.9, over ~4k tokens) by a few 1e-3 (recomputation alone: 1.8e-3 on an H200)
+# (a relative step of 2^-8 = 0.4%), and kernels that round differently (activation recomputation included)
+# move the mean loss of a 13B step (~11.9, over ~4k tokens) by a few 1e-3
 LOSS_TOL = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 DEFAULT_VARIANTS = "plain,checkpointing"
-
-# h200_hf_baseline.json (shared/bench/ beside the repo): plain transformers + peft on one H200, 13B shape, bf16,
-# LoRA r8 q/v, micro-batch 2 x 2048, SDPA, random tokens without padding, optimizer step every micro-batch
-BASELINE = {
-    "source": "shared/bench/h200_hf_baseline.json beside the repo (gpu_anchors.py, torch 2.11, transformers 5.17, peft 0.21)",
-    "plain": {"tokens_per_s": 7183.8, "tflops": 384.0, "peak_mem_GiB": 60.09},
-    "checkpointing": {"tokens_per_s": 5255.5, "tflops": 418.7, "peak_mem_GiB": 28.77},
-}
 
 REQUIRED = ("torch", "transformers", "peft", "deepspeed")
 OPTIONAL = ("bitsandbytes", "flash_attn", "liger_kernel", "torchao")
 
 
-def say(*args):
-    print(*args, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# packages
-# ----------------------------------------------------------------------------------------------
 def check_packages():
     """Import what the step needs; name any missing package (and what it is missing) and exit 2.
 
@@ -172,62 +142,23 @@ def check_packages():
         except Exception as e:  # ImportError, or a broken install raising something else
             versions[name] = None
             missing.append(f"{name} ({type(e).__name__}: {e})")
-    for name in OPTIONAL:
-        versions[name] = None
-        if importlib.util.find_spec(name) is not None:
-            try:
-                versions[name] = importlib.metadata.version(name.replace("_", "-"))
-            except importlib.metadata.PackageNotFoundError:
-                versions[name] = "installed"
-    say("packages: " + ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in versions.items()))
+    versions.update((name, bench_common.installed_version(name)) for name in OPTIONAL)
+    bench_common.say_versions(versions)
     if missing:
-        print("error: cannot run finetune.py's training step without: " + "; ".join(missing) +
-              ".  Install it (pip install -r requirements.txt; deepspeed also needs hjson, ninja, py-cpuinfo, "
-              "msgpack, einops, pydantic, psutil) and re-run.", file=sys.stderr, flush=True)
-        sys.exit(2)
+        data_io.fail(
+            "cannot run finetune.py's training step without: " + "; ".join(missing) + ".  Install it (pip install "
+            "-r requirements.txt; deepspeed also needs hjson, ninja, py-cpuinfo, msgpack, einops, pydantic, psutil) "
+            "and re-run.")
     return versions
 
 
 # ----------------------------------------------------------------------------------------------
-# model shape, weights, data
+# model directory and synthetic data
 # ----------------------------------------------------------------------------------------------
-def shape_of(name):
-    if name == "13b":
-        return dict(SHAPE_13B)
-    t = config.TINY_MODEL
-    return {"vocab_size": t["vocab_size"], "hidden_size": t["hidden_size"], "num_layers": t["num_layers"],
-            "num_heads": t["num_heads"], "num_kv_heads": t["num_heads"], "intermediate_size": t["intermediate_size"],
-            "max_position_embeddings": t["max_position_embeddings"], "initializer_range": t["initializer_range"]}
-
-
 def write_config_dir(shape, seq_len, directory):
     """A config-only model directory (config.json) of the shape: what --model_path points at."""
-    LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
-                num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
-                max_position_embeddings=max(shape["max_position_embeddings"], seq_len), rms_norm_eps=1e-6,
-                initializer_range=shape["initializer_range"], bos_token_id=1, eos_token_id=2, pad_token_id=None,
-                tie_word_embeddings=False).save_pretrained(directory)
+    bench_common.llama_config(shape, max(shape["max_position_embeddings"], seq_len)).save_pretrained(directory)
     return directory
-
-
-def random_base_model(model_dir, device, dtype, attn_implementation):
-    """A model of the shape saved in ``model_dir`` with random weights, built directly on ``device``."""
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
-                                                attn_implementation=attn_implementation)
-
-
-def ensure_saved_weights(model_dir, device, dtype, attn_implementation, seed):
-    """Random weights of the shape saved into ``model_dir`` (once), for the variants that load them."""
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors.index.json")) or \
-            os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        return
-    torch.manual_seed(seed)
-    model = random_base_model(model_dir, device, dtype, attn_implementation)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    del model
-    free_memory(device)
 
 
 def synthetic_samples(rng, vocab_size, seq_len, total_tokens, eos_id=2):
@@ -259,57 +190,15 @@ def write_ids_file(path, shape, seq_len, rows_needed, seed):
     datas = dict(packed, format=dataset.IDS_FORMAT,
                  meta={"max_length": seq_len, "synthetic": "bench/bench_train.py", "samples": len(samples),
                        "seed": seed, "tokenizer": None, "special_end_token": False})
-    with open(path, "wb") as f:
-        pickle.dump(datas, f, protocol=pickle.HIGHEST_PROTOCOL)
+    data_io.atomic_write_pickle(path, datas)
     real = sum(sum(m) for m in packed["attention_mask"])
     return {"rows": len(packed["input_ids"]), "samples": len(samples),
             "real_token_share_all_rows": real / (len(packed["input_ids"]) * seq_len)}
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs
-# ----------------------------------------------------------------------------------------------
-FORMULA = """FLOPs per position (S = seq_len, L layers, d hidden, f MLP, V vocabulary, kv = K/V width):
-  N_layers = L*(2*d*d + 2*d*kv + 3*d*f)   matmul weights of the decoder layers (frozen)
-  N_head   = V*d                           LM head (frozen; the embedding lookup is no matmul)
-  N_lora   = trainable LoRA parameters     (forward 2, input grad 2, weight grad 2 per parameter)
-  A        = 2*L*S*d                       causal attention forward (QK^T and AV, S/2 keys per query)
-  model    = 4*(N_layers + N_head) + 6*N_lora + 3*A
-             (frozen weights: forward 2N + input-grad backward 2N, no weight grad; attention backward = 2x forward)
-  hw       = model + [checkpointing] (2*N_layers + 2*N_lora + A)   the recomputed layer forwards
-  TFLOP/s  = FLOPs per position x positions (rows x S, pad included) / time / 1e12
-  baseline formula (gpu_anchors.py): (6 if ckpt else 4)*(P - 2*V*d) + 4*V*d + (3 if ckpt else 2)*2*L*S*d,
-             P = all base-model parameters (norms included)"""
-
-
-def flops_per_position(shape, seq_len, lora_params, base_params, checkpointing):
-    d, L, f, V = shape["hidden_size"], shape["num_layers"], shape["intermediate_size"], shape["vocab_size"]
-    kv = d // shape["num_heads"] * shape["num_kv_heads"]
-    n_layers = L * (2 * d * d + 2 * d * kv + 3 * d * f)
-    n_head = V * d
-    attn = 2 * L * seq_len * d
-    model = 4 * (n_layers + n_head) + 6 * lora_params + 3 * attn
-    hw = model + ((2 * n_layers + 2 * lora_params + attn) if checkpointing else 0)
-    baseline = ((6 if checkpointing else 4) * (base_params - 2 * V * d) + 4 * V * d
-                + (3 if checkpointing else 2) * 2 * L * seq_len * d)
-    return {"model": model, "hw": hw, "baseline_formula": baseline, "N_layers": n_layers, "N_head": n_head,
-            "N_lora": lora_params, "A": attn}
-
-
-# ----------------------------------------------------------------------------------------------
 # one variant
 # ----------------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30, "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "process max RSS (CPU)"
-
-
 def variant_args(name, opts, model_dir, data_path):
     """finetune.py's arguments for a LoRA run with the variant's flags."""
     return finetune.parse_args(
@@ -337,10 +226,11 @@ def variant_model(args, model_dir, device, dtype, attn):
     """finetune.build_model around random weights of the shape (built on the device, or saved once and
     loaded where bitsandbytes quantizes while loading)."""
     if args.quant != "none":
-        ensure_saved_weights(model_dir, device, dtype, attn, args.seed)
+        bench_common.save_random_weights(model_dir, device, dtype, args.seed, attn)
         torch.manual_seed(args.seed)
         return finetune.build_model(args, None, dtype, attn, device=device)
-    return finetune.build_model(args, None, dtype, attn, base_model=random_base_model(model_dir, device, dtype, attn))
+    base_model = bench_common.random_model(model_dir, device, dtype, attn)
+    return finetune.build_model(args, None, dtype, attn, base_model=base_model)
 
 
 def time_steps(name, engine, groups, opts, device, world_size):
@@ -359,20 +249,6 @@ def time_steps(name, engine, groups, opts, device, world_size):
         say(f"[{name}] step {step + 1}/{steps}{' (warm-up)' if step < opts.warmup else ''}: "
             f"loss {loss:.6f}, {out['step_seconds'][-1]:.3f} s, {real_tokens} real tokens")
     return out
-
-
-def speed_figures(timing, opts, shape, lora_params, base_params, checkpointing, device):
-    timed = slice(opts.warmup, opts.warmup + opts.steps)
-    seconds = sum(timing["step_seconds"][timed])
-    real_timed, pos_timed = sum(timing["real_tokens"][timed]), sum(timing["positions"][timed])
-    flops = flops_per_position(shape, opts.seq_len, lora_params, base_params, checkpointing)
-    peak, peak_kind = peak_memory(device)
-    return dict(timing, seconds_per_step=seconds / opts.steps, tokens_per_s=real_timed / seconds,
-                all_tokens_per_s=pos_timed / seconds, real_token_share=real_timed / pos_timed,
-                flops_per_position=flops, tflops_model=flops["model"] * pos_timed / seconds / 1e12,
-                tflops_hw=flops["hw"] * pos_timed / seconds / 1e12,
-                tflops_baseline_formula=flops["baseline_formula"] * pos_timed / seconds / 1e12,
-                peak_mem_GiB=peak, peak_mem_kind=peak_kind)
 
 
 def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
@@ -394,8 +270,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=0, shuffle=True, seed=args.seed)
 
     free_memory(device)
+    reset_peak(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         result["mem_allocated_at_start_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     torch.manual_seed(args.seed)   # as finetune.main: same base weights and LoRA init in every variant
     t0 = time.perf_counter()
@@ -410,7 +286,8 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     groups = finetune.epoch_batches(train_dataset, sampler, 0, 0, ds_config["train_micro_batch_size_per_gpu"],
                                     ds_config["gradient_accumulation_steps"], args.seed)
     timing = time_steps(name, engine, groups, opts, device, world_size)
-    result.update(speed_figures(timing, opts, shape, lora_params, base_params, args.gradient_checkpointing, device))
+    result.update(train_figures.speed_figures(timing, opts, shape, lora_params, base_params,
+                                              args.gradient_checkpointing, device))
 
     # free everything before the next variant
     if hasattr(engine, "destroy"):
@@ -422,131 +299,6 @@ def run_variant(name, opts, shape, model_dir, data_path, device, world_size):
     if device.type == "cuda":
         result["mem_allocated_after_free_GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     return result, ds_config
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
-# what the block mask costs: one layer's attention alone, forward + backward
-# ----------------------------------------------------------------------------------------------
-def attention_probe(shape, seq_len, micro_batch, dtype, device, position_ids, reps=3):
-    """Seconds per forward+backward of one layer's SDPA at the run's shape: the causal kernel without
-    a mask (what plain causal training gets, flash-eligible) against finetune's block-diagonal mask
-    (packing.block_causal_mask of the run's first micro-batch), with the default dispatch and with
-    each backend forced.  A failure is recorded, never raised."""
-    heads, head_dim = shape["num_heads"], shape["hidden_size"] // shape["num_heads"]
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(micro_batch, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
-               .requires_grad_() for _ in range(3))
-    mask = packing.block_causal_mask(position_ids.to(device), dtype)
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    except ImportError:
-        sdpa_kernel, backends = None, {}
-
-    def timed(use_mask, backend):
-        context = sdpa_kernel([backends[backend]]) if backend else contextlib.nullcontext()
-        try:
-            with context:
-                for rep in range(reps + 1):
-                    if rep == 1:
-                        sync(device)
-                        start = time.perf_counter()
-                    out = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if use_mask
-                           else F.scaled_dot_product_attention(q, k, v, is_causal=True))
-                    out.sum().backward()
-            sync(device)
-            return round((time.perf_counter() - start) / reps, 6)
-        except Exception as e:  # a backend that cannot take this input
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-
-    probe = {"what": "s per forward+backward of one layer's SDPA", "batch": micro_batch, "heads": heads,
-             "head_dim": head_dim, "seq_len": seq_len, "dtype": str(dtype)}
-    for label, use_mask in (("causal_no_mask", False), ("block_mask", True)):
-        probe[label] = {"default": timed(use_mask, None)}
-        if device.type == "cuda":
-            for name in backends:
-                probe[label][name] = timed(use_mask, name)
-    if device.type == "cuda":   # FlexAttention has no backward pass on a CPU
-        probe["flex_block_mask"] = {"default": flex_timed(q, k, v, position_ids.to(device), reps)}
-    return probe
-
-
-def flex_timed(q, k, v, position_ids, reps):
-    """Seconds per forward+backward of compiled FlexAttention with finetune's BlockMask
-    (packing.block_causal_block_mask, built once), after one untimed call that compiles it; or the error."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        block_mask = packing.block_causal_block_mask(position_ids)
-        flex = torch.compile(flex_attention)
-        for rep in range(reps + 1):
-            if rep == 1:
-                sync(q.device)
-                start = time.perf_counter()
-            flex(q, k, v, block_mask=block_mask).sum().backward()
-        sync(q.device)
-        return round((time.perf_counter() - start) / reps, 6)
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-
-
-# ----------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------
-def compare_losses(results, tol):
-    """Each variant's per-step losses against the first variant run with the same lora_dropout."""
-    refs, ok = {}, True
-    for r in results:
-        if "losses" not in r or r["variant"] in LOSS_NOT_COMPARED:
-            continue
-        ref = refs.setdefault(r["lora_dropout"], r)
-        diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
-        r["loss_reference"] = ref["variant"]
-        r["loss_max_abs_diff"] = diff
-        r["loss_agrees"] = diff <= tol
-        ok = ok and r["loss_agrees"]
-    return ok
-
-
-def table(results, memory_unit):
-    head = ["variant", "attention", "liger", "ckpt", "s/step", "real tok/s", "all tok/s", "TFLOP/s model", "TFLOP/s hw",
-            "TFLOP/s base-formula", f"peak {memory_unit}", "real share", "loss step 1", "|dloss| max"]
-    rows = []
-    for r in results:
-        if "losses" not in r:
-            rows.append([r["variant"], "skipped (see below)" if "skipped" in r else "FAILED (see below)"]
-                        + [""] * (len(head) - 2))
-            continue
-        rows.append([r["variant"], r["attention"], r.get("liger", "off"), "yes" if r["gradient_checkpointing"] else "no",
-                     f"{r['seconds_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['all_tokens_per_s']:,.0f}",
-                     f"{r['tflops_model']:.3g}", f"{r['tflops_hw']:.3g}", f"{r['tflops_baseline_formula']:.3g}",
-                     f"{r['peak_mem_GiB']:.2f}", f"{r['real_token_share']:.1%}", f"{r['losses'][0]:.6f}",
-                     (f"{r['loss_max_abs_diff']:.1e} vs {r['loss_reference']}" if "loss_reference" in r
-                      else "not compared (quantized base)")])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
-def machine_info(device):
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_GiB"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def parse_args(argv=None):
@@ -597,14 +349,6 @@ def parse_args(argv=None):
     return opts
 
 
-def write_json(path, report):
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
-
-
 def run_variants(opts, shape, device, world_size, report, started):
     """Every variant on the same synthetic rows, then the attention probe; fills ``report`` as it goes."""
     results = report["variants"]
@@ -636,32 +380,6 @@ def run_variants(opts, shape, device, world_size, report, started):
     return ran
 
 
-def compare_with_baseline(opts, device, report, ran):
-    """On the baseline's own setting (13B shape, GPU, 2 x 2048, no accumulation): each variant against it."""
-    if not (opts.shape == "13b" and device.type == "cuda" and opts.seq_len == 2048 and opts.micro_batch_size == 2
-            and opts.grad_accum == 1):
-        return
-    report["baseline"] = BASELINE
-    for r in ran:
-        ref = BASELINE["checkpointing" if r["gradient_checkpointing"] else "plain"]
-        r["vs_baseline"] = {"all_tokens_per_s_ratio": r["all_tokens_per_s"] / ref["tokens_per_s"],
-                            "peak_mem_ratio": r["peak_mem_GiB"] / ref["peak_mem_GiB"]}
-        say(f"vs baseline ({'ckpt' if r['gradient_checkpointing'] else 'no ckpt'}: {ref['tokens_per_s']:,.0f} tok/s, "
-            f"{ref['peak_mem_GiB']} GiB): {r['variant']} all tok/s x{r['vs_baseline']['all_tokens_per_s_ratio']:.2f}, "
-            f"peak memory x{r['vs_baseline']['peak_mem_ratio']:.2f}")
-
-
-def say_probe(probe, device):
-    fmt = lambda x: f"{x * 1e3:.2f} ms" if isinstance(x, float) else x  # noqa: E731
-    say(f"attention alone (one layer, forward+backward, {probe['dtype']}): causal without mask "
-        f"{fmt(probe['causal_no_mask']['default'])}, finetune's block mask {fmt(probe['block_mask']['default'])}"
-        + ("" if device.type != "cuda" else "; forced backends (causal | block mask): " + ", ".join(
-            f"{name} {fmt(probe['causal_no_mask'][name])} | {fmt(probe['block_mask'][name])}"
-            for name in ("flash", "efficient", "cudnn", "math") if name in probe["block_mask"]))
-        + (f"; FlexAttention with the BlockMask {fmt(probe['flex_block_mask']['default'])}"
-           if "flex_block_mask" in probe else ""))
-
-
 def main(argv=None):
     opts = parse_args(argv)
     started = time.perf_counter()
@@ -677,33 +395,33 @@ def main(argv=None):
     shape = shape_of(opts.shape)
     if opts.loss_tol is None:   # by the precision the variants will train in
         opts.loss_tol = LOSS_TOL[model_loader.training_precision(opts.precision, device)]
-    machine = machine_info(device)
-    memory_unit = "GiB (cuda)" if device.type == "cuda" else "GiB (RSS)"
+    machine = bench_common.machine_info(device)
+    memory_unit = bench_common.memory_unit(device)
     say(f"device: {device} ({machine.get('gpu') or machine.get('cpu')}); "
         f"shape {opts.shape}: {shape}; rows {opts.micro_batch_size} x {opts.seq_len} tokens, "
         f"grad_accum {opts.grad_accum}, {opts.warmup} warm-up + {opts.steps} timed steps per variant")
     report = {
         "benchmark": "bench/bench_train.py",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "python bench/bench_train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date_utc": bench_common.utc_now(),
+        "command": bench_common.command_line("bench/bench_train.py", argv),
         "machine": machine, "versions": dict(versions, torch=torch.__version__),
         "device": str(device), "shape_name": opts.shape, "shape": shape, "seq_len": opts.seq_len,
         "micro_batch_size": opts.micro_batch_size, "grad_accum": opts.grad_accum, "steps": opts.steps,
         "warmup": opts.warmup, "seed": opts.seed, "data": None, "deepspeed_config": None,
-        "flops_formula": FORMULA, "memory": memory_unit, "loss_tol": opts.loss_tol, "losses_agree": None,
+        "flops_formula": train_figures.FORMULA, "memory": memory_unit, "loss_tol": opts.loss_tol, "losses_agree": None,
         "complete": False, "baseline": None, "variants": [], "attention_probe": None, "wall_s": None,
     }
     ran = run_variants(opts, shape, device, world_size, report, started)
 
     results = report["variants"]
-    losses_agree = compare_losses(results, opts.loss_tol)
+    losses_agree = train_figures.compare_losses(results, opts.loss_tol)
     failed = [r for r in results if "error" in r]
-    say("\n" + FORMULA + "\n")
-    say(table(results, memory_unit))
+    say("\n" + train_figures.FORMULA + "\n")
+    say(train_figures.table(results, memory_unit))
     if ran:
         say(f"{ran[0]['attention_note']}; precision {ran[0]['precision']}; "
             f"trainable (LoRA) parameters {ran[0]['trainable_params']:,}; base parameters {ran[0]['base_params']:,}")
-    compare_with_baseline(opts, device, report, ran)
+    train_figures.compare_with_baseline(opts, device, report, ran)
     for r in results:
         if "skipped" in r:
             say(f"{r['variant']} skipped: {r['skipped']}")

@@ -10,9 +10,11 @@ import pytest
 
 from conftest import load_script, run_script
 
+import bench_common
 import data_io
 import dataset
 import packing
+import train_figures
 
 
 
@@ -42,14 +44,13 @@ def test_synthetic_rows_are_packed_with_several_samples(tmp_path):
 
 def test_flops_formula_reproduces_the_baseline_figures():
     """The baseline formula column, fed the H200 baseline's tokens/s, gives its TFLOP/s (384.0 and 418.7)."""
-    bench = load_bench()
-    s = bench.SHAPE_13B
+    s = bench_common.SHAPE_13B
     d, L, f, V = s["hidden_size"], s["num_layers"], s["intermediate_size"], s["vocab_size"]
     params = 2 * V * d + L * (4 * d * d + 3 * d * f + 2 * d) + d     # LlamaForCausalLM, untied embeddings
     lora = L * 2 * 8 * (d + d)                                        # r 8 on q_proj and v_proj
     for ckpt, name in ((False, "plain"), (True, "checkpointing")):
-        flops = bench.flops_per_position(s, 2048, lora, params, ckpt)
-        base = bench.BASELINE[name]
+        flops = train_figures.flops_per_position(s, 2048, lora, params, ckpt)
+        base = train_figures.BASELINE[name]
         assert abs(flops["baseline_formula"] * base["tokens_per_s"] / 1e12 - base["tflops"]) < 0.1
         assert flops["hw"] >= flops["model"]
         assert (flops["hw"] > flops["model"]) == ckpt
