@@ -78,6 +78,7 @@ def test_bench_in_memory_int8_equals_the_loaders(tiny_model_dir):
         assert torch.equal(a[name].weight.dequantize(), b[name].weight.dequantize()), name
 
 
+@pytest.mark.slow
 def test_bench_infer_tiny_cpu(tmp_path):
     out = tmp_path / "bench_infer_tiny.json"
     # the README's command (the default variants of the tiny shape: fp32, fp32_fast, int8_fast)
@@ -128,6 +129,7 @@ def test_fast_int8_without_torchao_is_named(monkeypatch):
         model_loader.model_load_kwargs("int8", "cpu", True, fast=True)
 
 
+@pytest.mark.slow
 def test_readme_fast_demo_command(demo_run, demo_data):
     """`python inference.py --demo --fast --greedy` (README, Fast path) on the cached toy model."""
     proc = run_script(demo_command(demo_data, demo_run[2], "--fast", "--greedy"), timeout=300)

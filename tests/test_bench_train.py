@@ -56,6 +56,7 @@ def test_flops_formula_reproduces_the_baseline_figures():
         assert (flops["hw"] > flops["model"]) == ckpt
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     out = tmp_path / "bench_train.json"
     proc = run_script(["bench/bench_train.py", "--shape", "tiny", "--steps", "3", "--warmup", "1",
@@ -103,6 +104,7 @@ def test_bench_runs_on_cpu_and_checkpointing_keeps_the_loss(tmp_path):
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"] == {"enabled": False}
 
 
+@pytest.mark.slow
 def test_missing_deepspeed_is_named_and_exits_nonzero(tmp_path):
     """A machine without deepspeed gets one clear line naming it, and a non-zero exit."""
     shadow = tmp_path / "shadow"
@@ -116,6 +118,7 @@ def test_missing_deepspeed_is_named_and_exits_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_13b_shape_refuses_a_cpu():
     import torch
 

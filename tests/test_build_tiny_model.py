@@ -177,6 +177,7 @@ def test_same_seed_same_weights(built, tmp_path):
         assert equal == same, seed
 
 
+@pytest.mark.slow
 def test_missing_data_file_fails_cleanly(tmp_path):
     out = tmp_path / "model"
     missing = tmp_path / "no_such_dialogues.pkl"
@@ -188,6 +189,7 @@ def test_missing_data_file_fails_cleanly(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_invalid_dialogues_fail_cleanly(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([[{"instruction": "q", "input": ""}]]), encoding="utf-8")

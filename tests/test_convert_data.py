@@ -97,6 +97,7 @@ def test_packing_whole_samples_and_metadata(zh_single, tiny_tokenizer):
     assert 0.5 < counts["real_token_share"] <= 1.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_differs(tiny_model_dir, tmp_path):
     for name in ("a", "b"):
         convert(tiny_model_dir, tmp_path / name, "--seed", "3")
@@ -136,6 +137,7 @@ def test_compat_original_pickle_is_accepted(tiny_model_dir, tmp_path):
     assert f"{counts['truncated_samples']} samples truncated" in proc.stdout
 
 
+@pytest.mark.slow
 def test_json_jsonl_and_alpaca_records(tiny_model_dir, tmp_path):
     dialogues = [[{"instruction": "1+1=?", "input": "", "output": "2"}],
                  [{"instruction": "翻译", "input": "你好", "output": "Hello"},
@@ -169,6 +171,7 @@ class Payload:
         return (os.system, (f"touch {self.path}",))
 
 
+@pytest.mark.slow
 def test_unsafe_pickle_is_refused_and_runs_nothing(tiny_model_dir, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "ift_data.pkl"
@@ -192,6 +195,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_dialogues_fail_clearly_and_keep_old_output(tiny_model_dir, tmp_path, case):
     data, where, what = BAD_INPUTS[case]
@@ -207,6 +211,7 @@ def test_bad_dialogues_fail_clearly_and_keep_old_output(tiny_model_dir, tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_unreadable_json_and_missing_tokenizer(tiny_model_dir, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[[{"instruction": "q", "input": "", "output": "a"}', encoding="utf-8")

@@ -129,6 +129,7 @@ def test_embeddings_resized_with_mean_rows(tiny_model_dir, extended):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_refuses_existing_out_added_tokens_and_bad_corpus(tiny_model_dir, corpus, extended, tmp_path):
     from transformers import AutoTokenizer
 

@@ -73,6 +73,7 @@ def lora_data(tiny_model_dir, tmp_path_factory):
     return convert(tiny_model_dir, out, small_dialogues() * COPIES)
 
 
+@pytest.mark.slow
 def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +124,7 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     assert (run_dir / f"llama_lora_epoch{LORA_EPOCHS}" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,6 +155,7 @@ def lora_weights(directory):
     return load_file(os.path.join(directory, "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, lora_data, tmp_path):
     common = ["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data,
               "--max_length", str(MAX_LENGTH), "--max_epoches", "1", "--max_steps", "3", "--lr", "1e-2",
@@ -237,6 +240,7 @@ def bad_run(args):
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_inputs_stop_before_training(tiny_model_dir, lora_data, tmp_path):
     base = ["--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data, "--max_length", str(MAX_LENGTH),
             "--save_dir", str(tmp_path / "ckp")]
@@ -267,6 +271,7 @@ def test_bad_inputs_stop_before_training(tiny_model_dir, lora_data, tmp_path):
     assert not (tmp_path / "ckp").exists() or not any((tmp_path / "ckp").rglob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_load_lora_continues_from_the_adapter(tiny_model_dir, lora_data, tmp_path):
     """--load_lora starts from the saved adapter (not a fresh zero-initialised one)."""
     common = ["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path", lora_data,
@@ -325,6 +330,7 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(tiny_model_dir, 
         assert float((chunk_grads[name] - grad).abs().max()) <= 1e-5 * float(grad.abs().max()), name
 
 
+@pytest.mark.slow
 def test_qlora_nf4_base_trains_the_adapter(tiny_model_dir, lora_data, tmp_path):
     """--quant nf4: the frozen base in 4 bits (bitsandbytes, also on a CPU); the adapter still learns."""
     from peft import PeftModel

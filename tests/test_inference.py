@@ -67,6 +67,7 @@ def assert_clean_error(proc, *needles):
 # --------------------------------------------------------------------------------------------------
 # the demo
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_builds_from_empty_cache_then_reuses_it(demo_run, demo_data):
     proc, first_seconds, demo_dir = demo_run
     for step in (1, 2, 3):
@@ -90,6 +91,7 @@ def test_demo_builds_from_empty_cache_then_reuses_it(demo_run, demo_data):
     print(f"demo (test recipe): first run {first_seconds:.1f}s, cached {cached_seconds:.1f}s")
 
 
+@pytest.mark.slow
 def test_demo_rebuilds_a_stale_cache_and_keeps_it_until_done(tmp_path, model_dir):
     """A cache made from other settings or data is rebuilt; a rebuild that fails leaves it as it was."""
     stale = tmp_path / "demo_model"
@@ -264,6 +266,7 @@ class _StubModel(torch.nn.Module):
         streamer.end()
 
 
+@pytest.mark.slow
 def test_thousand_turns_never_overflow(loaded):
     model, tokenizer = loaded
     answer_ids = tokenizer("一个相当长的回答，" * 6 + config.END_MARKER, add_special_tokens=False)["input_ids"]
@@ -286,6 +289,7 @@ def test_thousand_turns_never_overflow(loaded):
 # --------------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_queries_and_output_file(model_dir, tmp_path, capsys):
     out = tmp_path / "turns.jsonl"
     proc = run_script(["inference.py", "--model_path", model_dir, "--greedy", "--repetition_penalty", "1.0",
@@ -407,6 +411,7 @@ def make_old_peft_adapter(adapter, out):
             shutil.copy(adapter / name, out / name)
 
 
+@pytest.mark.slow
 def test_lora_adapter_loads_in_both_formats(model_dir, lora_dir, tmp_path, loaded, capsys):
     base_model, tokenizer = loaded
     model, tok = model_loader.load_model_and_tokenizer(model_dir, lora_path=str(lora_dir), quant="fp32",
@@ -435,6 +440,7 @@ def test_lora_adapter_loads_in_both_formats(model_dir, lora_dir, tmp_path, loade
     assert code == 0 and "问：你好\n答：" in out and "Unexpected keyword" not in err
 
 
+@pytest.mark.slow
 def test_lora_on_a_mismatching_base_is_refused(lora_dir, model_dir, tmp_path, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -543,6 +549,7 @@ class Terminal:
         raise AssertionError(f"the interactive session did not end; got:\n{self.text[-3000:]}")
 
 
+@pytest.mark.slow
 def test_interactive_streams_and_survives_ctrl_c(model_dir, tmp_path):
     out = tmp_path / "session.jsonl"
     script = SLOW_CHAT.format(repo=REPO, code=os.path.join(REPO, "code"), delay=0.08, argv=[

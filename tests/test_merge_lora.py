@@ -89,6 +89,7 @@ def test_merged_directory_is_a_plain_sharded_model(merged):
     assert prompt.segment_encoder(AutoTokenizer.from_pretrained(merged)) is not None  # the SentencePiece fast path
 
 
+@pytest.mark.slow
 def test_inference_runs_the_merged_model(merged):
     proc = run_script(["inference.py", "--model_path", merged, "--lora_path", "none", "--greedy",
                        "--max_new_tokens", "4", "--queries", "你好"], check=True)

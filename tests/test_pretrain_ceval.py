@@ -86,6 +86,7 @@ def pretrained(tiny_model_dir, ceval_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # pre-training mode
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pretrain_ids_learn_every_token(tiny_model_dir, pretrained):
     from transformers import AutoTokenizer
 
@@ -103,6 +104,7 @@ def test_pretrain_ids_learn_every_token(tiny_model_dir, pretrained):
     assert len(rows) == len(datas["input_ids"])
 
 
+@pytest.mark.slow
 def test_long_documents_are_chunked_not_dropped(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -123,6 +125,7 @@ def test_long_documents_are_chunked_not_dropped(tiny_model_dir, tmp_path):
     assert counts["documents"] == 3 and counts["cut_documents"] == 1 and counts["samples"] == len(chunks) + 2
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss(pretrained):
     with open(os.path.join(pretrained[1], "train_log.jsonl"), encoding="utf-8") as f:
         losses = [json.loads(line)["loss"] for line in f]
@@ -140,6 +143,7 @@ def evaluate(model_dir, ceval_dir, out_file, *extra):
         return json.load(f), proc.stdout
 
 
+@pytest.mark.slow
 def test_trained_model_scores_far_above_chance_untrained_near_it(tiny_model_dir, ceval_dir, pretrained, tmp_path):
     trained, stdout = evaluate(os.path.join(pretrained[1], "pt_epoch29"), ceval_dir, str(tmp_path / "t.json"),
                                "--shots", "0", "--model_name", "tiny-pt")
@@ -200,6 +204,7 @@ def test_batched_scores_equal_unbatched_and_letter_ids(tiny_model_dir, tiny_toke
     assert cut == 1 and len(short[0]) < len(full) and short[0][-20:] == full[-20:]
 
 
+@pytest.mark.slow
 def test_bad_data_dir_and_test_split(tiny_model_dir, ceval_dir, tmp_path):
     proc = run_script(["code/evaluate_ceval.py", "--model_path", tiny_model_dir, "--lora_path", "none",
                        "--data_dir", str(tmp_path / "nowhere")])

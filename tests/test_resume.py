@@ -24,6 +24,8 @@ from test_finetune import MAX_LENGTH, convert, lora_weights, small_dialogues
 import checkpoints
 import finetune
 
+pytestmark = pytest.mark.slow   # every test here trains, kills and resumes real runs
+
 WRAPPER = textwrap.dedent(f"""
     import os, sys, time
     sys.path.insert(0, {CODE!r})

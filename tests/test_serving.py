@@ -29,6 +29,7 @@ import api_server
 import chat
 import config
 import prompt
+import web_demo
 
 KEY = "test-key-123"
 ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
@@ -380,6 +381,7 @@ def test_16_concurrent_requests_get_their_solo_answers(api, client, demo_data):
     assert run(requests[0]) == alone[0]    # and it keeps serving
 
 
+@pytest.mark.slow
 def test_cli_errors(model_dir, tmp_path):
     proc = run_script(["code/api_server.py", "--demo", "--model_path", model_dir])
     assert proc.returncode == 2 and "--demo loads its own toy model" in proc.stderr
@@ -399,6 +401,7 @@ def test_cli_errors(model_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # a client that goes away frees its place (in-process server, slowed-down model)
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot(loaded, monkeypatch):
     import uvicorn
 
@@ -470,6 +473,24 @@ chat.Reply._on_tokens = slow
 """
 
 
+def test_web_demo_handler_streams_the_answer_chat_gives(loaded):
+    """The page's answer handler (no browser): the question box is emptied, the answer grows piece by piece
+    and ends as the answer chat gives; the next question carries the history."""
+    model, tokenizer = loaded
+    respond = web_demo.responder(model, tokenizer, chat.default_settings(demo=True), chat.context_length_of(model))
+    controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
+    updates = list(respond(config.CANNED_QUERIES[0], [], *controls))
+    assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
+                               {"role": "assistant", "content": ""}])
+    answers = [history[-1]["content"] for _, history in updates[1:]]
+    assert len(answers) > 3 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+    assert answers[-1] == solo(loaded, [], config.CANNED_QUERIES[0]).response == CANNED_ANSWERS[0]
+    history = updates[-1][1]
+    second = list(respond(config.CANNED_QUERIES[1], history, *controls))[-1][1]
+    assert second[-1]["content"] == solo(loaded, [(config.CANNED_QUERIES[0], CANNED_ANSWERS[0])],
+                                         config.CANNED_QUERIES[1]).response == CANNED_ANSWERS[1]
+
+
 @pytest.fixture(scope="module")
 def browser():
     from selenium import webdriver
@@ -489,6 +510,7 @@ def browser():
     browser.quit()
 
 
+@pytest.mark.slow
 def test_web_demo_streams_an_answer_in_the_browser(demo_run, demo_data, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -174,6 +174,7 @@ def test_liger_refuses_on_cpu_and_without_the_package():
         fused_kernels.check_liger("kernels", torch.device("cuda"))
 
 
+@pytest.mark.slow
 def test_finetune_stops_with_one_message_for_gpu_only_levers(tmp_path):
     """finetune.py on a CPU with --attention flex, and with --liger: exit 2 (data_io.fail), one "error:" line, no traceback,
     before any model or data is loaded (the model path does not even exist)."""
