@@ -479,7 +479,8 @@ def test_web_demo_handler_streams_the_answer_chat_gives(loaded):
     model, tokenizer = loaded
     respond = web_demo.responder(model, tokenizer, chat.default_settings(demo=True), chat.context_length_of(model))
     controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
-    updates = list(respond(config.CANNED_QUERIES[0], [], *controls))
+    # the handler updates one history list in place: each update is copied as it comes
+    updates = [(box, [dict(m) for m in history]) for box, history in respond(config.CANNED_QUERIES[0], [], *controls)]
     assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
                                {"role": "assistant", "content": ""}])
     answers = [history[-1]["content"] for _, history in updates[1:]]
