@@ -27,11 +27,9 @@ packed samples never attend to each other (position ids restart per sample; a bl
 causal mask for SDPA, the same pattern as a FlexAttention BlockMask for --attention flex, variable-length
 kernels for flash-attention).
 
-Speed levers (CUDA GPU only; see README "Train" and BENCHMARKS.md for what is measured):
-
-    python code/finetune.py --use_lora ... --attention flex           # FlexAttention BlockMask for packed rows
-    python code/finetune.py --use_lora ... --liger                    # liger-kernel fused RMSNorm/SwiGLU/RoPE + loss
-    python code/finetune.py --use_lora ... --attention flex --liger --gradient_checkpointing
+Speed levers (CUDA GPU only; docs/finetuning.md, and BENCHMARKS.md for what is measured): --attention flex
+(a FlexAttention BlockMask for packed rows), --liger (liger-kernel's fused RMSNorm/SwiGLU/RoPE and loss),
+--gradient_checkpointing.
 """
 import argparse
 import functools
@@ -43,7 +41,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -242,15 +239,16 @@ def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None,
                 device="cpu"):
     """The model to train: the base from --model_path (or ``base_model``, as the benchmarks pass a
     randomly initialised one), wrapped in LoRA or prepared for full fine-tuning."""
-    if base_model is not None:
+    # the first model class (and peft) import torchao where it is installed: its log lines are noise here
+    with model_loader.quiet_torchao_import():
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
         model = base_model
-    elif args.quant != "none":
-        # QLoRA: the frozen base in int8/nf4 through the shared loader's bitsandbytes settings
-        kwargs = model_loader.model_load_kwargs(args.quant, str(device), True, attn_implementation)
-        model = AutoModelForCausalLM.from_pretrained(model_loader.resolve_path(args.model_path, "--model_path"), **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_loader.resolve_path(args.model_path, "--model_path"), dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        if model is None:   # QLoRA: the frozen base in int8/nf4 through the shared loader's bitsandbytes settings
+            kwargs = (model_loader.model_load_kwargs(args.quant, str(device), True, attn_implementation)
+                      if args.quant != "none" else {"dtype": dtype, "attn_implementation": attn_implementation})
+            model = AutoModelForCausalLM.from_pretrained(model_loader.resolve_path(args.model_path, "--model_path"),
+                                                         **kwargs)
     model.config.use_cache = False
     if getattr(args, "liger", "off") != "off":
         # fused RMSNorm / SwiGLU / rotary kernels on the base, before LoRA wraps its projections

@@ -411,7 +411,7 @@ def training_attention(attention, device):
             reason = "flash-attention needs a CUDA GPU"
         except ImportError:
             reason = "the flash_attn package is not installed"
-        return "sdpa", f"attention: PyTorch SDPA ({reason}; see README for the flash-attn extra)"
+        return "sdpa", f"attention: PyTorch SDPA ({reason}; README's 'Install on a GPU' names the flash-attn extra)"
     if attention == "flex":
         if not flex_attention_available():
             raise LoaderError(f"--attention flex: torch {torch.__version__} has no FlexAttention "
