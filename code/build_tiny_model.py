@@ -44,6 +44,7 @@ import torch
 import transformers
 from tokenizers import normalizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaTokenizer
+from transformers.utils import logging as hf_logging
 
 import config
 import data_io
@@ -259,7 +260,16 @@ def check_tokenizer(directory, texts):
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
+def quiet_cpu_tool():
+    """For the CPU-only tools (this script, extend_vocab.py): transformers probes deepspeed while it builds
+    a model, and deepspeed warns that it found no GPU unless its accelerator is named (DS_ACCELERATOR, its
+    own switch; these tools never train); a tiny model's save needs no progress bar."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    hf_logging.disable_progress_bar()
+
+
 def save_model(directory, vocab_size, hidden_size, num_layers, seed):
+    quiet_cpu_tool()
     t = config.TINY_MODEL
     model_config = LlamaConfig(
         vocab_size=vocab_size,

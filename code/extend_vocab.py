@@ -241,6 +241,7 @@ def piece_text(piece):
 def resize_model(model_dir, old_proto, added, old_size):
     """Load the model, append one embedding row per new piece (input and output), each the mean of the
     rows of the piece's text under the old tokenizer; return the model."""
+    build_tiny_model.quiet_cpu_tool()
     try:
         with model_loader.quiet_torchao_import():
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
