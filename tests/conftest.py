@@ -130,11 +130,15 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = 1
 
 
+def script_env(env=None):
+    """The environment of a script a test starts: offline, unbuffered output, plus ``env``."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            **(env or {})}
+
+
 def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
     """Run `python ARGS...` from the repo root; returns the CompletedProcess (text output)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable] + list(args), cwd=cwd, env=full_env, capture_output=True,
+    proc = subprocess.run([sys.executable] + list(args), cwd=cwd, env=script_env(env), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
@@ -144,9 +148,7 @@ def run_script(args, cwd=REPO, env=None, timeout=600, check=False):
 def run_launcher(command, env=None, timeout=900):
     """Run a launcher (finetune.sh, torchrun) from the repo root to its end; whatever happens (a time-out, an
     interrupted test), none of its processes outlives the call.  Returns a CompletedProcess (text output)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    full_env.update(env or {})
-    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=REPO, env=script_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
