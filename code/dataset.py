@@ -8,7 +8,7 @@ end) -> rows of max_length holding whole samples, with the start of every sample
 Every dataset yields dicts of 1-D tensors: input_ids, labels, attention_mask (1 real, 0 pad) and
 position_ids, which restart at 0 at the start of every sample.  finetune.py turns position_ids
 into a block-diagonal causal mask (packing.block_causal_mask, or block_causal_block_mask for
-FlexAttention) so no token attends across samples..
+FlexAttention) so no token attends across samples.
 
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
