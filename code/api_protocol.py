@@ -1,12 +1,20 @@
 """The OpenAI wire format of the API server: errors, request fields checked and turned into generation
-settings (through chat.user_settings, as inference.py and the web demo), stop strings, and the shapes of
-answers and streamed chunks.  No HTTP framework here: api_server.py wires these into FastAPI.
+settings (through chat.user_settings, as inference.py and the web demo), the prompts of
+/v1/completions, OpenAI's context-length error, stop strings, and the shapes of answers and streamed
+chunks.  No HTTP framework here: api_server.py wires these into FastAPI.
+
+What is and is not supported is decided here, field by field: a field OpenAI does not know, or one this
+server cannot honour (logprobs, tools, penalties other than repetition_penalty ...), is a 400 naming it
+(error.param), never silently ignored.
 """
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import chat
+import config
+
+CHAT, COMPLETION = "chat.completion", "text_completion"   # the two kinds of answer (their "object")
 
 # ----------------------------------------------------------------------------------------------
 # errors, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
@@ -59,6 +67,59 @@ def _stops(body):
     return [s for s in stops if s]
 
 
+# Fields each endpoint accepts.  Any other is refused as OpenAI refuses it ("Unrecognized request
+# argument supplied"); a known field this server cannot honour is refused unless it has its "off" value.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "n",
+           "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
+KNOWN_FIELDS = {
+    CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                     "function_call", "parallel_tool_calls", "response_format", "modalities", "audio", "prediction",
+                     "reasoning_effort", "verbosity", "web_search_options", "store", "metadata", "service_tier",
+                     "safety_identifier", "prompt_cache_key"},
+    COMPLETION: _COMMON | {"prompt", "echo", "suffix", "best_of"},
+}
+# accepted and ignored: they label the request for the caller's bookkeeping and never change the answer
+# (user, metadata, service_tier, safety_identifier, prompt_cache_key, parallel_tool_calls without tools)
+
+
+def _off(*values):
+    """A test that a field's value is None or one of ``values`` (same type: 0 is not False)."""
+    return lambda value: value is None or any(type(value) is type(v) and value == v for v in values)
+
+
+_NO_TOOLS = "CuteGPT was not trained for tool calls"
+UNSUPPORTED = {   # field: (its values that are accepted, why any other is refused)
+    "logprobs": (_off(False), "this server does not return token log probabilities"),
+    "top_logprobs": (_off(0), "this server does not return token log probabilities"),
+    "presence_penalty": (_off(0, 0.0), "use repetition_penalty (accepted, as vLLM does) instead"),
+    "frequency_penalty": (_off(0, 0.0), "use repetition_penalty (accepted, as vLLM does) instead"),
+    "logit_bias": (_off({}), "token biases cannot be set on this server"),
+    "tools": (_off([]), _NO_TOOLS), "functions": (_off([]), _NO_TOOLS),
+    "tool_choice": (_off("none"), _NO_TOOLS), "function_call": (_off("none"), _NO_TOOLS),
+    "response_format": (_off({"type": "text"}), "only {'type': 'text'}: nothing holds the model to a JSON format"),
+    "modalities": (_off(["text"]), "the model reads and writes text only"),
+    "audio": (_off(), "the model reads and writes text only"),
+    "prediction": (_off(), "predicted outputs are not used by this server"),
+    "reasoning_effort": (_off(), "CuteGPT is not a reasoning model"),
+    "verbosity": (_off(), "the answer's length is set with max_tokens"),
+    "web_search_options": (_off(), "the server has no web search"),
+    "store": (_off(False), "this server stores no completions"),
+    "suffix": (_off(""), "the model cannot insert text before a suffix"),
+}
+
+
+def check_fields(body, kind):
+    """Refuse the fields ``kind``'s endpoint does not know and those set to what it cannot do."""
+    for name in body:
+        if name not in KNOWN_FIELDS[kind]:
+            raise bad_request(f"Unrecognized request argument supplied: {name} (this server's fields are listed in "
+                              f"docs/serving.md)", name)
+    for name, (accepted, why) in UNSUPPORTED.items():
+        if name in body and not accepted(body[name]):
+            raise bad_request(f"{name}={json.dumps(body[name], ensure_ascii=False)[:60]} is not supported by this "
+                              f"server: {why}", name)
+
+
 @dataclass
 class GenerationRequest:
     settings: dict         # chat.generation_settings
@@ -66,6 +127,13 @@ class GenerationRequest:
     seed: object           # int or None
     stream: bool
     include_usage: bool
+    n: int = 1             # answers per prompt
+    echo: bool = False     # /v1/completions: the prompt is sent before its completion
+
+    def for_choice(self, index):
+        """The request of choice ``index``: a seed gives each choice its own (seed + index), so that n
+        samples differ yet repeat with the same seed.  Folded into numpy's seed range, 0 to 2**32 - 1."""
+        return replace(self, seed=None if self.seed is None else (self.seed + index) % 2 ** 32)
 
 
 def _settings(body, defaults, max_tokens_fields):
@@ -82,30 +150,105 @@ def _settings(body, defaults, max_tokens_fields):
     return chat.user_settings(defaults, temperature, top_p, top_k, penalty, max_new_tokens)
 
 
-def generation_request(body, defaults, max_tokens_fields):
-    """The generation part of a request, checked.  temperature 0 means greedy; an absent field keeps
-    the server's default (config.GENERATION, or config.DEMO['generation'] with --demo)."""
-    settings = _settings(body, defaults, max_tokens_fields)
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("only n=1 is supported (one answer per request)", "n")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad_request("seed must be an integer", "seed")
+def _stream_fields(body):
+    """(stream, include_usage); stream_options only with stream=true, as OpenAI requires."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise bad_request("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise bad_request("stream_options is only allowed with stream=true (leave it out, or set stream to true)",
+                          "stream_options")
     if not isinstance(options, dict):
-        raise bad_request("stream_options must be an object", "stream_options")
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
-        name = next(n for n in ("logprobs", "top_logprobs", "echo") if body.get(n))
-        raise bad_request(f"{name} is not supported by this server", name)
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("tools/functions are not supported: CuteGPT was not trained for tool calls", "tools")
-    return GenerationRequest(settings, _stops(body), seed, stream, bool(options.get("include_usage")))
+        raise bad_request("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
+    for name, value in options.items():
+        if name != "include_usage":
+            raise bad_request(f"stream_options.{name} is not supported: only include_usage is",
+                              f"stream_options.{name}")
+        if value is not None and not isinstance(value, bool):
+            raise bad_request("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    return stream, bool(options.get("include_usage"))
+
+
+def generation_request(body, defaults, kind=CHAT):
+    """The generation part of a request, checked.  temperature 0 means greedy; an absent field keeps
+    the server's default (config.GENERATION, or config.DEMO['generation'] with --demo)."""
+    check_fields(body, kind)
+    settings = _settings(body, defaults, ("max_completion_tokens", "max_tokens") if kind == CHAT else ("max_tokens",))
+    n = _number(body, "n", 1, config.SERVER["max_choices"], integer=True) or 1
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request(f"best_of {best_of!r} is not supported: this server does not rank candidates, so best_of "
+                          f"must equal n ({n}) or be left out", "best_of")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad_request("seed must be an integer", "seed")
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise bad_request("echo must be true or false", "echo")
+    stream, include_usage = _stream_fields(body)
+    return GenerationRequest(settings, _stops(body), seed, stream, include_usage, n, echo)
+
+
+# ----------------------------------------------------------------------------------------------
+# /v1/completions prompts, and OpenAI's context-length error
+# ----------------------------------------------------------------------------------------------
+def _token_ids(value):
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def completion_prompts(value, vocab_size):
+    """The prompts of /v1/completions, as OpenAI takes them: a string, a list of strings, a list of
+    token ids or a list of token-id lists.  Returns a list whose items are strings or id lists."""
+    if isinstance(value, str):
+        prompts = [value]
+    elif isinstance(value, list) and value and _token_ids(value):
+        prompts = [value]
+    elif isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
+                                                or all(_token_ids(p) for p in value)):
+        prompts = value
+    else:
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                          "token ids, not empty", "prompt")
+    for index, one in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+        if not one:
+            raise bad_request(f"{where} is empty: give it some text or token ids", "prompt")
+        wrong = [t for t in one if not 0 <= t < vocab_size] if isinstance(one, list) else []
+        if wrong:
+            raise bad_request(f"{where} holds the token id {wrong[0]}, outside the model's vocabulary (0 to "
+                              f"{vocab_size - 1})", "prompt")
+    limit = config.SERVER["max_choices"]
+    if len(prompts) > limit:
+        raise bad_request(f"{len(prompts)} prompts are more than this server answers in one request ({limit}); "
+                          f"send them in several requests", "prompt")
+    return prompts
+
+
+def check_choices(prompt_count, n):
+    limit = config.SERVER["max_choices"]
+    if prompt_count * n > limit:
+        raise bad_request(f"{prompt_count} prompts x n={n} ask for {prompt_count * n} answers, more than this "
+                          f"server gives in one request ({limit}); lower n or send fewer prompts", "n")
+
+
+def context_error(kind, context_length, prompt_tokens, completion_tokens):
+    """A prompt that cannot fit the context with max_tokens after it, in OpenAI's words and code (client
+    libraries recognise both): its chat wording, and its legacy completions wording."""
+    total = prompt_tokens + completion_tokens
+    if kind == CHAT:
+        message = (f"This model's maximum context length is {context_length} tokens. However, you requested "
+                   f"{total} tokens ({prompt_tokens} in the messages, {completion_tokens} in the completion). "
+                   f"Please reduce the length of the messages or completion.")
+        return bad_request(message, "messages", "context_length_exceeded")
+    message = (f"This model's maximum context length is {context_length} tokens, however you requested {total} "
+               f"tokens ({prompt_tokens} in your prompt; {completion_tokens} for the completion). Please reduce "
+               f"your prompt; or completion length.")
+    return bad_request(message, "prompt", "context_length_exceeded")
 
 
 class StopText:
@@ -139,33 +282,36 @@ class StopText:
 # ----------------------------------------------------------------------------------------------
 # answers: one JSON object, or server-sent events (chat.completion / text_completion)
 # ----------------------------------------------------------------------------------------------
-def usage(outcome):
-    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+def usage(prompt_tokens, outcomes):
+    """``prompt_tokens``: each prompt counted once (n answers to one prompt read it once)."""
+    completion_tokens = sum(outcome.completion_tokens for outcome in outcomes)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(kind, text, finish_reason, first=False):
+def choice(kind, text, finish_reason, first=False, index=0):
     """One streamed choice (a chat delta; ``text`` None: an empty delta), or a text completion's choice."""
-    if kind == "chat.completion":
+    if kind == CHAT:
         delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text is not None else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
 
-def whole_answer(kind, ident, model_name, text, outcome):
-    """The non-streamed answer object."""
-    if kind == "chat.completion":
-        first = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": outcome.finish_reason}
+def whole_answer(kind, ident, model_name, texts, outcomes, prompt_tokens):
+    """The non-streamed answer object: one choice per text, in order (index = prompt index x n + k)."""
+    if kind == CHAT:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": outcome.finish_reason} for i, (text, outcome) in enumerate(zip(texts, outcomes))]
     else:
-        first = choice(kind, text, outcome.finish_reason)
+        choices = [choice(kind, text, outcome.finish_reason, index=i)
+                   for i, (text, outcome) in enumerate(zip(texts, outcomes))]
     return {"id": ident, "object": kind, "created": int(time.time()), "model": model_name,
-            "choices": [first], "usage": usage(outcome)}
+            "choices": choices, "usage": usage(prompt_tokens, outcomes)}
 
 
 def sse(kind, ident, model_name, include_usage, choices, **extra):
     """One server-sent event holding a chunk (``usage: null`` on every chunk when the client asked for usage)."""
-    chunk = {"id": ident, "object": kind + ".chunk" if kind == "chat.completion" else kind,
+    chunk = {"id": ident, "object": kind + ".chunk" if kind == CHAT else kind,
              "created": int(time.time()), "model": model_name, "choices": choices, **extra}
     if include_usage and "usage" not in extra:
         chunk["usage"] = None

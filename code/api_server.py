@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import aclosing
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -50,7 +51,8 @@ import data_io
 import demo_model
 import model_loader
 import prompt
-from api_protocol import ApiError, bad_request, choice, generation_request, sse, sse_error, usage, whole_answer
+from api_protocol import (CHAT, COMPLETION, ApiError, bad_request, check_choices, choice, completion_prompts,
+                          context_error, generation_request, sse, sse_error, usage, whole_answer)
 from api_queue import Engine, Job
 from data_io import DataError, note
 
@@ -66,6 +68,7 @@ class Endpoints:
         self.model_name, self.api_key, self.memory_limit, self.poll_s = model_name, api_key, memory_limit, poll_s
         self.defaults = dict(defaults or chat.default_settings())
         self.context_length = chat.context_length_of(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]   # token ids a prompt may hold
         self.engine = Engine(model, tokenizer, max_waiting)
         # prompts are tokenized in request threads while the generation thread decodes: each side has
         # its own copy of the tokenizer, and request threads take turns on theirs
@@ -102,99 +105,128 @@ class Endpoints:
                 return function(self.tokenizer, *args, **kwargs)
         return await asyncio.to_thread(run)
 
-    async def events(self, job, request):
-        """The job's events; on return, failure or cancellation (client gone) the job is cancelled."""
-        self.engine.submit(job)
-        try:
+    async def events(self, jobs, request):
+        """(choice index, kind, payload) of every job's events as they come; on return, failure or
+        cancellation (client gone) every job is cancelled."""
+        merged = asyncio.Queue()
+
+        async def forward(index, job):
             while True:
+                kind, payload = await job.events.get()
+                merged.put_nowait((index, kind, payload))
+                if kind != "text":
+                    return
+
+        for job in jobs:
+            self.engine.submit(job)
+        tasks = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
+        running = len(jobs)
+        try:
+            while running:
                 try:
-                    kind, payload = await asyncio.wait_for(job.events.get(), self.poll_s)
+                    item = await asyncio.wait_for(merged.get(), self.poll_s)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
-                yield kind, payload
-                if kind != "text":
-                    return
+                running -= item[1] != "text"
+                yield item
         finally:
-            job.cancel()
+            for task in tasks:
+                task.cancel()
+            for job in jobs:
+                job.cancel()
 
     # -- answers -------------------------------------------------------------------------------
-    async def respond(self, request, job, kind, ident):
-        """Non-streamed: one JSON object; streamed: server-sent events ending with [DONE]."""
+    async def respond(self, request, prompts, wanted, kind, ident):
+        """n jobs per prompt (choice index = prompt index x n + k), answered together.  Non-streamed:
+        one JSON object; streamed: server-sent events ending with [DONE]."""
         self.engine.check_room()   # a full queue answers 429 before any streaming starts
-        if job.request.stream:
-            return StreamingResponse(self.stream(request, job, kind, ident), media_type="text/event-stream",
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prepared, wanted.for_choice(index), loop)
+                for index, prepared in enumerate(p for p in prompts for _ in range(wanted.n))]
+        echoes = [job.prepared.query if wanted.echo else "" for job in jobs]
+        prompt_tokens = sum(len(p.input_ids) for p in prompts)
+        if wanted.stream:
+            return StreamingResponse(self.stream(request, jobs, kind, ident, echoes, prompt_tokens),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self.whole(request, job, kind, ident)
+        return await self.whole(request, jobs, kind, ident, echoes, prompt_tokens)
 
-    async def whole(self, request, job, kind, ident):
-        parts, outcome = [], None
-        async for event, payload in self.events(job, request):
-            if event == "text":
-                parts.append(payload)
-            elif event == "error":
-                raise ApiError(500, f"generation failed: {type(payload).__name__}: {payload}")
-            else:
-                outcome = payload
-        if outcome is None:   # the client went away
+    async def whole(self, request, jobs, kind, ident, echoes, prompt_tokens):
+        texts, outcomes = [[echo] for echo in echoes], [None] * len(jobs)
+        async with aclosing(self.events(jobs, request)) as events:
+            async for index, event, payload in events:
+                if event == "text":
+                    texts[index].append(payload)
+                elif event == "error":
+                    raise ApiError(500, f"generation failed: {type(payload).__name__}: {payload}")
+                else:
+                    outcomes[index] = payload
+        if None in outcomes:   # the client went away
             return JSONResponse(ApiError(499, "client closed the request").body(), status_code=499)
-        return JSONResponse(whole_answer(kind, ident, self.model_name, "".join(parts), outcome))
+        return JSONResponse(whole_answer(kind, ident, self.model_name, ["".join(t) for t in texts], outcomes,
+                                         prompt_tokens))
 
-    async def stream(self, request, job, kind, ident):
-        chat_api, include_usage = kind == "chat.completion", job.request.include_usage
+    async def stream(self, request, jobs, kind, ident, echoes, prompt_tokens):
+        chat_api, include_usage = kind == CHAT, jobs[0].request.include_usage
+        outcomes = []
 
         def event(choices, **extra):
             return sse(kind, ident, self.model_name, include_usage, choices, **extra)
 
-        if chat_api:
-            yield event([choice(kind, "", None, first=True)])
-        async for name, payload in self.events(job, request):
-            if name == "text":
-                yield event([choice(kind, payload, None)])
-            elif name == "error":
-                yield sse_error(ApiError(500, f"generation failed: {type(payload).__name__}: {payload}"))
-                break
-            else:
-                yield event([choice(kind, None if chat_api else "", payload.finish_reason)])
-                if include_usage:
-                    yield event([], usage=usage(payload))
+        for index, echo in enumerate(echoes):   # chat: the role first; completions with echo: the prompt
+            if chat_api or echo:
+                yield event([choice(kind, "" if chat_api else echo, None, first=True, index=index)])
+        async with aclosing(self.events(jobs, request)) as events:
+            async for index, name, payload in events:
+                if name == "text":
+                    yield event([choice(kind, payload, None, index=index)])
+                elif name == "error":
+                    yield sse_error(ApiError(500, f"generation failed: {type(payload).__name__}: {payload}"))
+                    break
+                else:
+                    outcomes.append(payload)
+                    yield event([choice(kind, None if chat_api else "", payload.finish_reason, index=index)])
+        if include_usage and len(outcomes) == len(jobs):
+            yield event([], usage=usage(prompt_tokens, outcomes))
         yield "data: [DONE]\n\n"
 
     # -- routes --------------------------------------------------------------------------------
     async def chat_completions(self, request: Request):
         body = await self.json_body(request)
+        wanted = generation_request(body, self.defaults, CHAT)
         try:
             meta_prompt, history, query = prompt.split_messages(body.get("messages"))
         except prompt.MessageError as e:
             raise bad_request(str(e), e.param)
-        wanted = generation_request(body, self.defaults, ("max_completion_tokens", "max_tokens"))
+        max_new_tokens = int(wanted.settings["max_new_tokens"])
         try:
             prepared = await self.tokenized(chat.build_prompt, history, query, self.memory_limit, self.context_length,
-                                            int(wanted.settings["max_new_tokens"]), meta_prompt=meta_prompt,
-                                            cut_query=False)
-        except chat.ContextError as e:
-            raise bad_request(str(e).replace("--max_new_tokens", "max_tokens").replace("max_new_tokens", "max_tokens"),
-                              "messages", "context_length_exceeded")
-        job = Job(prepared, wanted, asyncio.get_running_loop())
-        return await self.respond(request, job, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+                                            max_new_tokens, meta_prompt=meta_prompt, cut_query=False)
+        except chat.ContextError:   # even without history: counted as the shortest prompt it could be
+            shortest = await self.tokenized(chat.encode_prompt, [], query, meta_prompt)
+            raise context_error(CHAT, self.context_length, len(shortest), max_new_tokens)
+        return await self.respond(request, [prepared], wanted, CHAT, f"chatcmpl-{uuid.uuid4().hex}")
 
     async def completions(self, request: Request):
+        """prompt: a string, strings, token ids or lists of them; each is fed as raw text (no template)."""
         body = await self.json_body(request)
-        text = body.get("prompt")
-        if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
-            text = text[0]
-        if not isinstance(text, str) or not text:
-            raise bad_request("prompt must be a non-empty string (one prompt per request)", "prompt")
-        wanted = generation_request(body, self.defaults, ("max_tokens",))
-        ids = (await self.tokenized(prompt.tokenize_segment_texts, [text]))[0]
-        budget = self.context_length - int(wanted.settings["max_new_tokens"])
-        if len(ids) > budget:
-            raise bad_request(f"the prompt takes {len(ids)} tokens; with max_tokens {wanted.settings['max_new_tokens']} "
-                              f"the model's context of {self.context_length} tokens holds at most {max(budget, 0)}: "
-                              f"shorten the prompt or lower max_tokens", "prompt", "context_length_exceeded")
-        job = Job(chat.Prompt(ids, 0, text, False), wanted, asyncio.get_running_loop())
-        return await self.respond(request, job, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+        wanted = generation_request(body, self.defaults, COMPLETION)
+        prompts = completion_prompts(body.get("prompt"), self.vocab_size)
+        check_choices(len(prompts), wanted.n)
+        texts = [p for p in prompts if isinstance(p, str)]
+        id_lists = [p for p in prompts if not isinstance(p, str)]
+        encoded = iter(await self.tokenized(prompt.tokenize_segment_texts, texts))
+        decoded = iter(await self.tokenized(decode_all, id_lists))
+        max_new_tokens = int(wanted.settings["max_new_tokens"])
+        prepared = []
+        for one in prompts:
+            ids, text = (next(encoded), one) if isinstance(one, str) else (list(one), next(decoded))
+            if len(ids) + max_new_tokens > self.context_length:
+                raise context_error(COMPLETION, self.context_length, len(ids), max_new_tokens)
+            prepared.append(chat.Prompt(ids, 0, text, False))
+        return await self.respond(request, prepared, wanted, COMPLETION, f"cmpl-{uuid.uuid4().hex}")
 
     def model_card(self):
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cutegpt"}
@@ -213,6 +245,11 @@ class Endpoints:
     async def health(self):
         """Liveness and queue state; open without the API key (it tells nothing about the data)."""
         return {"status": "ok", "model": self.model_name, **self.engine.status()}
+
+
+def decode_all(tokenizer, id_lists):
+    """The text of token-id prompts (what echo sends back), special tokens kept as written."""
+    return [tokenizer.decode(ids, skip_special_tokens=False) for ids in id_lists]
 
 
 # ----------------------------------------------------------------------------------------------

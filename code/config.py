@@ -148,6 +148,9 @@ SERVER = {
     "port": 8000,                  # the API server (OpenAI clients: base_url http://127.0.0.1:8000/v1)
     "web_port": 7860,              # the web demo (gradio's usual port)
     "model_name": "cutegpt",       # the id /v1/models lists and requests name in "model"
+    # answers one request may ask for (n x the prompts of /v1/completions; OpenAI allows up to 128):
+    # each is a whole generation in the queue, so one request must not fill it (max_waiting)
+    "max_choices": 16,
     # one generation runs at a time, the others wait in a FIFO queue; beyond this many waiting, new
     # requests get 429 (OpenAI clients retry those)
     "max_waiting": 64,

@@ -314,7 +314,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(api, client):
     for value in (0, -3, "ten", 2.5):
         assert_error(post(base, chat_path, {"messages": user, "max_tokens": value}), 400, "max_tokens")
     assert_error(post(base, chat_path, {"messages": user, "temperature": 3}), 400, "temperature")
-    assert_error(post(base, chat_path, {"messages": user, "n": 2}), 400, "n")
+    assert_error(post(base, chat_path, {"messages": user, "n": config.SERVER["max_choices"] + 1}), 400, "n")
     assert_error(post(base, chat_path, {"messages": user, "stop": [1]}), 400, "stop")
     assert_error(post(base, "/v1/completions", {"prompt": ""}), 400, "prompt")
     # a prompt that cannot fit the context is refused (history is dropped first, the last message never cut)
