@@ -187,7 +187,8 @@ def generation_request(body, defaults, kind=CHAT):
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad_request("seed must be an integer", "seed")
-    echo = body.get("echo") or False
+    echo = body.get("echo", False)
+    echo = False if echo is None else echo
     if not isinstance(echo, bool):
         raise bad_request("echo must be true or false", "echo")
     stream, include_usage = _stream_fields(body)
