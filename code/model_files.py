@@ -40,12 +40,13 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 # tokenizer.model
 # ----------------------------------------------------------------------------------------------
 def copy_sentencepiece_model(tokenizer, directory, fallbacks=()):
-    """Copy into ``directory`` the tokenizer.model ``tokenizer`` was read from (else the first of the
-    ``fallbacks`` that exists); returns the source used, or None where there is none (a tokenizer that
-    only ever had a tokenizer.json)."""
+    """Copy into ``directory`` the tokenizer.model ``tokenizer`` was read from (its vocab_file, else the one
+    in the directory it was loaded from, else the first of the ``fallbacks``, files or directories, that
+    exists); returns the source used, or None where there is none (a tokenizer that only ever had a
+    tokenizer.json)."""
     target = os.path.join(directory, SENTENCEPIECE_FILE)
-    candidates = [getattr(tokenizer, "vocab_file", None)] + [
-        os.path.join(f, SENTENCEPIECE_FILE) if f and os.path.isdir(f) else f for f in fallbacks]
+    sources = [getattr(tokenizer, "vocab_file", None), getattr(tokenizer, "name_or_path", None)] + list(fallbacks)
+    candidates = [os.path.join(s, SENTENCEPIECE_FILE) if s and os.path.isdir(s) else s for s in sources]
     for source in candidates:
         if source and os.path.isfile(source):
             if not (os.path.exists(target) and os.path.samefile(source, target)):
@@ -226,5 +227,5 @@ def save_tokenizer(directory, tokenizer, fallbacks=(), generation=None):
     """``tokenizer.save_pretrained(directory)`` plus everything ``write_model_files`` adds; the
     tokenizer.model copied is the one ``tokenizer`` was read from, else the first of ``fallbacks``."""
     tokenizer.save_pretrained(directory)
-    sources = [getattr(tokenizer, "vocab_file", None)] + list(fallbacks)
-    return write_model_files(directory, [s for s in sources if s], generation)
+    copy_sentencepiece_model(tokenizer, directory, fallbacks)
+    return write_model_files(directory, (), generation)

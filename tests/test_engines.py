@@ -1,6 +1,7 @@
 """A standard serving engine on a directory the project wrote: `transformers serve` loads the demo model
 (tokenizer, chat template, generation config as model_files.py writes them) and answers the canned queries
-through the official openai client word for word as `inference.py --demo` prints them (greedy)."""
+through the official openai client word for word as `inference.py --demo` prints them (greedy), with
+continuous batching on a paged cache sized for a CPU."""
 import os
 import socket
 import subprocess
@@ -48,12 +49,12 @@ def start(model_dir, port, extra, log_path, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batching", [[], CPU_BATCHING], ids=["generate", "continuous_batching"])
-def test_transformers_serve_answers_as_inference_demo(demo_run, model_dir, tmp_path, batching):
+def test_transformers_serve_answers_as_inference_demo(demo_run, model_dir, tmp_path):
     from openai import OpenAI
 
     port = free_port()
-    proc, log = start(model_dir, port, batching, tmp_path / "serve.log")
+    # the command of docs/serving.md: continuous batching (plain generate gave the same answers, 40 s a run)
+    proc, log = start(model_dir, port, CPU_BATCHING, tmp_path / "serve.log")
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
         messages, answers = [], []
