@@ -158,8 +158,8 @@ def template_for(tokenizer):
 # generation config
 # ----------------------------------------------------------------------------------------------
 def stop_ids(tokenizer):
-    """The ids that end an answer, as chat.stop_token_ids: eos, '<s>' (the seed's stop) and the end
-    marker where it is one token."""
+    """The ids that end an answer: eos, '<s>' (the seed's stop) and the end marker where it is one token
+    (chat.stop_token_ids, which this module cannot import without a cycle: the tests check they agree)."""
     ids = [tokenizer.eos_token_id, tokenizer.bos_token_id, end_token_id(tokenizer)]
     return sorted({i for i in ids if i is not None})
 
@@ -211,8 +211,8 @@ def _drop_config_template(directory):
 
 
 def write_model_files(directory, sentencepiece_sources=(), generation=None):
-    """Complete a directory that already holds the tokenizer's files: tokenizer.model (from the first of
-    ``sentencepiece_sources`` that exists, files or directories, unless already there), the chat template
+    """Complete a directory that already holds the tokenizer's files: tokenizer.model (copied from the first
+    of ``sentencepiece_sources`` that exists, files or directories; else the one there is kept), the chat template
     and the generation config (``generation``: extra entries).  Returns the tokenizer as engines load it."""
     copy_sentencepiece_model(None, directory, sentencepiece_sources)
     _drop_config_template(directory)

@@ -134,9 +134,13 @@ def test_generation_config_stops_at_the_end_marker(engine_dirs):
     text = GenerationConfig.from_pretrained(engine_dirs["text_marker"])
     assert sorted(text.eos_token_id) == [1, 2] and text.stop_strings == [config.END_MARKER]
     full_dir = engine_dirs["token_marker"]
-    end = AutoTokenizer.from_pretrained(full_dir).convert_tokens_to_ids(config.END_MARKER)
+    tokenizer = AutoTokenizer.from_pretrained(full_dir)
+    end = tokenizer.convert_tokens_to_ids(config.END_MARKER)
     token = GenerationConfig.from_pretrained(full_dir)
     assert end > 2 and sorted(token.eos_token_id) == [1, 2, end] and token.stop_strings is None
+    # the ids chat.py stops at
+    assert sorted(token.eos_token_id) == chat.stop_token_ids(tokenizer)
+    assert sorted(text.eos_token_id) == chat.stop_token_ids(AutoTokenizer.from_pretrained(engine_dirs["text_marker"]))
 
 
 # ----------------------------------------------------------------------------------------------
