@@ -19,6 +19,8 @@ What it writes into --out (a standard Hugging Face model directory):
   AutoTokenizer, LlamaTokenizer and LlamaTokenizerFast.
 - config.json, generation_config.json, model.safetensors: a randomly initialised LlamaForCausalLM
   (fp32, untied embeddings), the same bytes for the same --seed.
+- chat_template.jinja and the generation config's stop settings (code/model_files.py), as in every
+  directory the project writes.
 
 The directory is written under a temporary name and renamed into place: a failure leaves no
 partial --out behind.  Only the most frequent characters get a piece of their own (at most two
@@ -48,6 +50,7 @@ from transformers.utils import logging as hf_logging
 
 import config
 import data_io
+import model_files
 import model_loader
 from data_io import DataError
 
@@ -319,6 +322,7 @@ def build(args):
         save_tokenizer(tmp, dummy_prefix)
         tokenizer, agreeing, mismatches = check_tokenizer(tmp, texts)
         parameters = save_model(tmp, len(tokenizer), args.hidden_size, args.num_layers, args.seed)
+        model_files.write_model_files(tmp)   # chat template and generation config (what serving engines read)
         make_readable(tmp)
     print(f"wrote {args.out} in {time.time() - started:.1f}s: a SentencePiece BPE tokenizer of {len(tokenizer)} "
           f"pieces ({kept} of {distinct} characters have one, {coverage:.2%} of the text) and a LlamaForCausalLM of "

@@ -239,6 +239,7 @@ def generate_kwargs(settings, tokenizer):
         "repetition_penalty": float(settings["repetition_penalty"]),
         "do_sample": bool(settings["do_sample"]),
         "eos_token_id": stop_token_ids(tokenizer),
+        "stop_strings": None,   # a directory's stop_strings are for engines: StopAtMarkerOrCancel stops here
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     }
     if kwargs["do_sample"]:

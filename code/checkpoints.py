@@ -17,6 +17,7 @@ import torch
 
 import config
 import data_io
+import model_files
 from data_io import DataError
 from distributed import all_ranks_agree, print_rank0
 
@@ -72,7 +73,7 @@ def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, devi
     if all_ranks_agree(error is None, device) and rank == 0:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            model_files.save_tokenizer(tmp, tokenizer)   # + tokenizer.model, chat template, generation config
             data_io.atomic_write_json(os.path.join(tmp, "training_config.json"), record)
             data_io.atomic_write_json(os.path.join(state_dir, PROGRESS_FILE), progress)   # written last
             if os.path.exists(path):   # an older checkpoint of the same name goes only once the new one is whole

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import config
 import data_io
+import model_files
 from data_io import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,7 @@ def _demo_recipe(data_file):
     recipe = {k: v for k, v in DEMO.items() if k not in ("cache_dir", "generation", "data")}
     recipe["data_sha256"] = _sha256(data_file)
     recipe["tiny_model_defaults"] = config.TINY_MODEL
+    recipe["model_files"] = model_files.FORMAT   # a cache made before the engine files were written is rebuilt
     return recipe
 
 
@@ -146,6 +148,8 @@ def ensure_demo_model(cache_dir=None, log=None):
             if os.path.isfile(os.path.join(work, BUILD_LOG)):
                 shutil.copyfile(os.path.join(work, BUILD_LOG), build_log)
         shutil.move(trained, os.path.join(tmp, "model"))
+        # engines serving the directory answer as `inference.py --demo` does: greedy, no repetition penalty
+        model_files.write_model_files(os.path.join(tmp, "model"), generation=DEMO["generation"])
         shutil.rmtree(work)
         data_io.atomic_write_json(os.path.join(tmp, DEMO_INFO),
                                   {"recipe": recipe, "build_seconds": round(time.perf_counter() - start, 1)})

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import build_tiny_model
 import config
 import data_io
+import model_files
 import model_loader
 from data_io import DataError
 
@@ -303,6 +304,7 @@ def extend(args):
         if model_dir:
             model = resize_model(model_dir, old_proto, added, old_size)
             model.save_pretrained(tmp, safe_serialization=True)
+        model_files.write_model_files(tmp)   # chat template and generation config beside tokenizer.model
         report = {
             "base_tokenizer": args.base_tokenizer,
             "corpus": [os.path.basename(p) for p in args.corpus],

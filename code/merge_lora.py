@@ -11,18 +11,19 @@
 The base and adapter are loaded through model_loader (the adapter is checked against the base first),
 merged with peft's merge_and_unload (W + B·A·alpha/r in every adapted layer) and saved with
 save_pretrained: safetensors, sharded above --max_shard_size, plus the tokenizer (the adapter's
-when its directory holds one, else the base's, as inference does).  The result loads with plain
+when its directory holds one, else the base's, as inference does) with its tokenizer.model, the chat
+template and a generation config that stops at the end marker (model_files: what serving engines read).  The result loads with plain
 AutoModelForCausalLM.from_pretrained.  --out is written under a temporary name and renamed into place;
 an existing non-empty --out is refused unless --overwrite.  Merging happens on the CPU by default
 (fp32: 4 bytes per parameter of memory, about 53 GB for 13B; --dtype bf16/fp16 halves it).
 """
 import argparse
 import os
-import shutil
 import time
 
 import config
 import data_io
+import model_files
 import model_loader
 from data_io import DataError
 
@@ -39,20 +40,6 @@ def parse_args(argv=None):
                         help="largest safetensors file, e.g. 5GB or 500MB (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     return parser.parse_args(argv)
-
-
-def copy_sentencepiece_model(tokenizer, model_path, directory):
-    """transformers 5 saves no tokenizer.model; copy the one the tokenizer was read with (else the base's),
-    so the project's SentencePiece fast path (prompt.segment_encoder) applies to the merged model too."""
-    target = os.path.join(directory, "tokenizer.model")
-    if os.path.exists(target):
-        return
-    candidates = [getattr(tokenizer, "vocab_file", None),
-                  os.path.join(model_loader.resolve_path(model_path, "--model_path"), "tokenizer.model")]
-    for source in candidates:
-        if source and os.path.isfile(source):
-            shutil.copyfile(source, target)
-            return
 
 
 def merge(args):
@@ -72,8 +59,8 @@ def merge(args):
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
         except ValueError as e:
             raise DataError(f"--max_shard_size {args.max_shard_size}: not usable ({e}); write e.g. 5GB or 500MB")
-        tokenizer.save_pretrained(tmp)
-        copy_sentencepiece_model(tokenizer, args.model_path, tmp)
+        # + tokenizer.model (the adapter's tokenizer's, else the base's), chat template, generation config
+        model_files.save_tokenizer(tmp, tokenizer, [model_loader.resolve_path(args.model_path, "--model_path")])
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)   # the temporary directory is created 0700

@@ -270,6 +270,9 @@ def load_model_and_tokenizer(model_path, lora_path=None, quant=None, device=None
                               f"({type(e).__name__}: {e})")
         except (OSError, RuntimeError) as e:
             raise LoaderError(f"--model_path {model_path}: the weights cannot be loaded ({type(e).__name__}: {e})")
+    # the directory's stop_strings are for engines (model_files); chat.py stops at the end marker itself,
+    # and generate() refuses stop strings unless it is handed the tokenizer
+    model.generation_config.stop_strings = None
     if "device_map" not in load_kwargs:
         model.to(device)
     if adapter_dir:

@@ -61,7 +61,7 @@ def tokenizer_classes():
 def test_files(built):
     names = set(os.listdir(built[0]))
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "config.json",
-            "model.safetensors"} <= names
+            "model.safetensors", "chat_template.jinja", "generation_config.json"} <= names
     assert not any(name.startswith(".tmp") for name in os.listdir(os.path.dirname(built[0])))
     with open(os.path.join(built[0], "tokenizer_config.json"), encoding="utf-8") as f:
         tokenizer_config = json.load(f)

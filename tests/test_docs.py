@@ -6,7 +6,8 @@
 - Each command of a ```bash block: `python SCRIPT ARGS` (also behind `deepspeed`/`torchrun` or environment
   variables) parses with the script's own parser; `bash finetune.sh ARGS` sets only variables finetune.sh
   reads and ARGS parse with finetune.py's parser; `pip install -r FILE` names an existing file; `curl`
-  names a route of the API server; `python -m pytest` names a declared marker.
+  names a route of the API server; `python -m pytest` names a declared marker; `transformers serve` takes
+  only options of the installed transformers' command, `vllm serve` only the options listed here.
 - A `<!-- run by tests/FILE.py::TEST -->` comment names a test that exists (that test runs the command).
 - Each ```python block compiles, and the names it imports from code/ exist.
 - The quick tour (the marked block of README.md) runs as written in a copy of the repo (slow).
@@ -14,6 +15,7 @@
 import ast
 import glob
 import importlib
+import inspect
 import os
 import re
 import shlex
@@ -155,6 +157,28 @@ def check_curl(args):
     assert f'"{path}"' in read("code/api_server.py"), f"no route {path} in code/api_server.py"
 
 
+def check_transformers(args):
+    """`transformers serve MODEL --flags`: each flag is an option of the installed transformers' serve command."""
+    from transformers.cli.serve import Serve
+
+    assert args[:1] == ["serve"] and len(args) > 1 and not args[1].startswith("-"), args
+    options = {prefix + name.replace("_", "-") for name in inspect.signature(Serve.__init__).parameters
+               for prefix in ("--", "--no-")}
+    for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+        assert flag in options, f"transformers serve has no option {flag}"
+
+
+# vLLM needs a CUDA GPU and is not installed for the tests: the `vllm serve` options a page may use, each
+# checked against vLLM's CLI reference (engine arguments) when added here
+VLLM_SERVE_OPTIONS = {"--host", "--port", "--max-model-len", "--tensor-parallel-size", "--dtype"}
+
+
+def check_vllm(args):
+    assert args[:1] == ["serve"] and len(args) > 1 and not args[1].startswith("-"), args
+    for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+        assert flag in VLLM_SERVE_OPTIONS, f"vllm serve {flag}: not among the checked options {VLLM_SERVE_OPTIONS}"
+
+
 def check_pytest(args):
     if "-m" in args:
         marker = args[args.index("-m") + 1].replace("not ", "").strip()
@@ -179,6 +203,10 @@ def test_command_is_checked(page, command):
         check_bash(words, env)
     elif program == "curl":
         check_curl(words)
+    elif program == "transformers":
+        check_transformers(words)
+    elif program == "vllm":
+        check_vllm(words)
     else:
         pytest.fail(f"{page}: no check for {command!r}; add one here or point at the test that runs it")
 

@@ -97,7 +97,8 @@ def test_finetune_sh_lora_two_ranks_learns_and_memorises(tiny_model_dir, lora_da
     assert rates[-1] < 0.01 * max(rates) and all(a >= b for a, b in zip(rates[5:], rates[6:]))
     # the seed's layout: one checkpoint per epoch, each a standard PEFT adapter + tokenizer + config
     final = run_dir / f"llama_lora_epoch{LORA_EPOCHS - 1}"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_config.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_config.json",
+                 "tokenizer.model", "chat_template.jinja", "generation_config.json"):
         assert (final / name).exists(), name
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("llama_lora_epoch")) == \
         sorted(f"llama_lora_epoch{e}" for e in range(LORA_EPOCHS))

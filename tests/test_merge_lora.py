@@ -77,7 +77,8 @@ def test_merged_logits_equal_base_plus_adapter(base_dir, adapter_dir, merged):
 def test_merged_directory_is_a_plain_sharded_model(merged):
     names = set(os.listdir(merged))
     assert "adapter_config.json" not in names
-    assert {"config.json", "tokenizer.json", "tokenizer.model", "model.safetensors.index.json"} <= names
+    assert {"config.json", "tokenizer.json", "tokenizer.model", "model.safetensors.index.json", "chat_template.jinja",
+            "generation_config.json"} <= names
     with open(os.path.join(merged, "model.safetensors.index.json"), encoding="utf-8") as f:
         shards = set(json.load(f)["weight_map"].values())
     assert len(shards) >= 2 and shards <= names          # 2MB shards of a ~3 MB model
