@@ -17,8 +17,8 @@
     python code/convert_data.py --tokenizer MODEL_DIR --out_data_path data/test/ --special_end_token
 
 The DeepSpeed config is config.DS_CONFIG_lora (with --use_lora) or config.DS_CONFIG_ft;
---lr, --warmup_steps, --micro_batch_size, --grad_accum and --zero_stage override single values and
---deepspeed_config FILE.json replaces it.  The effective config is saved beside the checkpoints as
+--lr, --warmup_steps, --micro_batch_size, --grad_accum, --zero_stage (0-3) and --offload_optimizer /
+--offload_param (cpu, nvme with --nvme_path) override single values and --deepspeed_config FILE.json replaces it.  The effective config is saved beside the checkpoints as
 training_config.json (and printed with --print_config).
 
 The loss of an optimizer step is the mean over every learned token of the step, across

@@ -176,3 +176,15 @@ def test_zero3_file_config_with_qlora_is_refused(tmp_path):
     args = finetune.parse_args(BASE + ["--use_lora", "--quant", "nf4", "--deepspeed_config", str(path)])
     with pytest.raises(distributed.DataError, match="stage 3 cannot partition.*set stage 2 there, or drop --quant"):
         distributed.resolve_ds_config(args, "fp32", torch.device("cpu"))
+
+
+def test_parameter_counts_and_checkpoint_estimate_use_full_sizes_of_partitioned_weights():
+    """Under ZeRO-3 a rank's tensor is its part (often empty); the counts read DeepSpeed's ds_numel."""
+    import checkpoints
+
+    layer = torch.nn.Linear(30, 20, bias=False)
+    expected = checkpoints.checkpoint_bytes(layer, torch.float32)
+    layer.weight.data = torch.empty(0)   # what a rank holds of a weight partitioned to the other ranks
+    layer.weight.ds_numel = 600
+    assert checkpoints.trainable_numel(layer) == 600
+    assert checkpoints.checkpoint_bytes(layer, torch.float32) == expected
