@@ -63,7 +63,10 @@ def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, devi
             os.makedirs(state_dir)
         except OSError as e:
             error = e
+    state_dict = None
     if all_ranks_agree(error is None, device):
+        # under ZeRO-3 the weights to export are gathered from every rank (a collective) for rank 0 to write
+        state_dict = export_state_dict(model, rank)
         try:
             # DeepSpeed: rank 0 writes the trainable weights and the scheduler, each rank its optimizer part
             engine.save_checkpoint(state_dir, tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
@@ -72,7 +75,7 @@ def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, devi
             error = e
     if all_ranks_agree(error is None, device) and rank == 0:
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             model_files.save_tokenizer(tmp, tokenizer)   # + tokenizer.model, chat template, generation config
             data_io.atomic_write_json(os.path.join(tmp, "training_config.json"), record)
             data_io.atomic_write_json(os.path.join(state_dir, PROGRESS_FILE), progress)   # written last
@@ -88,6 +91,34 @@ def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, devi
         reason = f" ({error.strerror or error})" if error is not None else " (on another rank)"
         raise DataError(f"checkpoint {path}: could not be written{reason}; earlier checkpoints are intact: free "
                         f"space or fix the folder, then continue with --resume_from latest")
+
+
+def is_partitioned(model):
+    """True when ZeRO-3 holds ``model``'s weights split among the ranks (each rank keeps a part)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def export_state_dict(model, rank):
+    """The weights the checkpoint exports, whole, on rank 0 (None elsewhere); None too when the model is not
+    partitioned (save_pretrained reads the weights itself).
+
+    Under ZeRO-3 each parameter is gathered from every rank in turn (a collective: every rank calls this)
+    and copied to CPU memory in its training precision: every weight for full fine-tuning, only the
+    trainable ones for LoRA (the adapter, all PEFT's save_pretrained takes from it).
+    """
+    import deepspeed
+
+    if not is_partitioned(model):
+        return None
+    lora = hasattr(model, "peft_config")
+    state = {}
+    for name, param in model.named_parameters():
+        if lora and not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    return state if rank == 0 else None
 
 
 def read_progress(path):
@@ -188,9 +219,18 @@ def load_training_state(path, engine, rank):
     return _load_restricted(rng_file)
 
 
+def numel(param):
+    """Elements of a parameter: its full size under ZeRO-3 too (where the local tensor is a part)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def trainable_numel(model):
+    return sum(numel(p) for p in model.parameters() if p.requires_grad)
+
+
 def checkpoint_bytes(model, dtype):
-    """A generous estimate of one checkpoint's size on disk."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """A generous estimate of one checkpoint's size on disk (full sizes at every ZeRO stage)."""
+    trainable = trainable_numel(model)
     weight_bytes = torch.tensor([], dtype=dtype).element_size()
     # the export and DeepSpeed's copy of the trainable weights, plus fp32 master weights and two Adam
     # moments (12 bytes a parameter, split among the ranks but summed on a shared disk)

@@ -101,6 +101,37 @@ DS_CONFIG_ft = {
     "gradient_accumulation_steps": 16,
 }
 
+# ZeRO-3 and offload (--zero_stage 3, --offload_optimizer, --offload_param; distributed.resolve_ds_config).
+# What one GPU holds for 13B (13.1B parameters with the extended vocabulary) on 8 GPUs, model states only
+# (activations come on top: a few GB at micro batch 1 x 2048 with --gradient_checkpointing):
+#   full fine-tuning, bf16 weights (2 B) + bf16 gradients (2 B) + fp32 master and Adam moments (12 B) = 16 B/param:
+#     ZeRO-2                      26 + 26/8 + 157/8   = 49 GB   fits neither 24 nor 40 GB
+#     ZeRO-2 + offload_optimizer  26 + 3.3            = 29 GB   (157 GB in CPU RAM) fits 40 GB only (tight)
+#     ZeRO-3                      (26 + 26 + 157)/8   = 26 GB   fits 40 GB, not 24 GB
+#     ZeRO-3 + offload_optimizer  (26 + 26)/8         = 6.5 GB  (157 GB in CPU RAM) fits 24 GB: the 3090 setting
+#     ZeRO-3 + offload_param too  about 1 GB (one layer at a time) (183 GB in CPU RAM): when 24 GB is still short
+#     nvme in place of cpu        when the node lacks the ~160-190 GB of CPU RAM above (needs a local NVMe disk)
+#   LoRA: the frozen bf16 base is 26 GB on every GPU under ZeRO 1/2 (fits 40 GB; on 24 GB use --quant or ZeRO-3),
+#     and 26/8 = 3.3 GB under ZeRO-3 (the adapter and its optimizer state are a few MB).
+# ZeRO-3's settings: every rank keeps 1/N of each weight and fetches the rest just before a layer runs.
+ZERO_3 = {
+    "stage": 3,
+    "overlap_comm": True,
+    "stage3_prefetch_bucket_size": 5e7,          # weights fetched ahead of the layer that needs them
+    "stage3_param_persistence_threshold": 1e5,   # tensors this small (norms, biases) stay whole on every rank
+    "stage3_max_live_parameters": 1e9,           # at most this many gathered weights at once (2 GB in bf16)
+    "stage3_max_reuse_distance": 1e9,
+    # save_16bit_model may gather the whole weights; finetune's checkpoints gather them with
+    # deepspeed.zero.GatheredParameters (checkpoints.export_state_dict) in any case
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+# Where offloaded state goes.  cpu: pinned host memory, fast copies.  nvme: ZeRO-Infinity's swap files under
+# --nvme_path, when the CPU RAM is short; its buffers (count x size) stay in pinned host memory.
+OFFLOAD_CPU = {"device": "cpu", "pin_memory": True}
+OFFLOAD_NVME_OPTIMIZER = {"device": "nvme", "pin_memory": True, "buffer_count": 4, "fast_init": False}
+# buffer_size must hold the largest weight: the 49,954 x 5120 embedding = 2.6e8 elements (0.5 GB in bf16)
+OFFLOAD_NVME_PARAM = {"device": "nvme", "pin_memory": True, "buffer_count": 5, "buffer_size": 3e8, "max_in_cpu": 1e9}
+
 # ---- Training (finetune.py) defaults not held by DeepSpeed
 TRAIN_SEED = 10          # the seed's default
 # After the warm-up the rate stays at its peak ("constant": the seed's WarmupLR) or falls to 0 at the last

@@ -77,20 +77,48 @@ def resolve_ds_config(args, precision, device):
         ds["gradient_accumulation_steps"] = args.grad_accum
     if args.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    apply_zero_settings(ds, args)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
     # precision: the one switch in force
     ds.pop("fp16", None)
     ds["bf16"] = {"enabled": precision == "bf16"}
     if precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if zero_stage(ds) == 3 and getattr(args, "quant", "none") != "none":
+        raise DataError(f"--deepspeed_config {args.deepspeed_config}: ZeRO stage 3 cannot partition the "
+                        f"bitsandbytes-quantized base of --quant {args.quant}: set stage 2 there, or drop --quant")
     zero = ds.get("zero_optimization", {})
-    if device.type == "cpu" and "offload_optimizer" in zero:
-        # on a CPU-only machine the optimizer already lives in CPU memory
-        zero.pop("offload_optimizer")
+    if device.type == "cpu":
+        # on a CPU-only machine the optimizer state and the weights already live in CPU memory
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
     if "offload_optimizer" not in zero:
         # plain torch AdamW (foreach kernels): no DeepSpeed op to compile
         ds.get("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
     return ds
+
+
+def zero_stage(ds):
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def apply_zero_settings(ds, args):
+    """config.ZERO_3's settings under stage 3 (values already in the config win) and the offload flags."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero_stage(ds) == 3:
+        for key, value in config.ZERO_3.items():
+            zero.setdefault(key, value)
+    elif zero_stage(ds) == 0:
+        zero.pop("offload_optimizer", None)   # config.py's default offload needs ZeRO; stage 0 has none
+    for flag, key, nvme in (("offload_optimizer", "offload_optimizer", config.OFFLOAD_NVME_OPTIMIZER),
+                            ("offload_param", "offload_param", config.OFFLOAD_NVME_PARAM)):
+        choice = getattr(args, flag, None)
+        if choice == "none":
+            zero.pop(key, None)
+        elif choice == "cpu":
+            zero[key] = dict(config.OFFLOAD_CPU)
+        elif choice == "nvme":
+            zero[key] = dict(nvme, nvme_path=args.nvme_path)
 
 
 LR_SCHEDULERS = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}

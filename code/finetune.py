@@ -17,8 +17,8 @@
     python code/convert_data.py --tokenizer MODEL_DIR --out_data_path data/test/ --special_end_token
 
 The DeepSpeed config is config.DS_CONFIG_lora (with --use_lora) or config.DS_CONFIG_ft;
---lr, --warmup_steps, --micro_batch_size, --grad_accum and --zero_stage override single values and
---deepspeed_config FILE.json replaces it.  The effective config is saved beside the checkpoints as
+--lr, --warmup_steps, --micro_batch_size, --grad_accum, --zero_stage (0-3) and --offload_optimizer /
+--offload_param (cpu, nvme with --nvme_path) override single values and --deepspeed_config FILE.json replaces it.  The effective config is saved beside the checkpoints as
 training_config.json (and printed with --print_config).
 
 The loss of an optimizer step is the mean over every learned token of the step, across
@@ -56,7 +56,7 @@ import packing
 import train_args
 from data_io import DataError
 from model_loader import LoaderError
-from train_step import make_engine, train_step
+from train_step import make_engine, quiet_zero3_collectives, train_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,36 +108,72 @@ def add_end_token(tokenizer):
     return old_piece_ids
 
 
+def gathered(params):
+    """Whole weights for the block: under ZeRO-3 ``params`` are gathered from every rank (a collective) and
+    rank 0's changes are partitioned back on exit; otherwise they are whole already."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0,
+                                             enabled=any(hasattr(p, "ds_id") for p in params))
+
+
+def vocab_rows(embedding):
+    """Rows of an embedding weight (its full shape under ZeRO-3, where the local tensor is a part)."""
+    return getattr(embedding.weight, "ds_shape", embedding.weight.shape)[0]
+
+
 def init_end_embedding(model, tokenizer, old_piece_ids):
     """Give '<end>' its embedding rows (input and output): the mean of the rows of its former pieces.
 
     So the model starts out reading and predicting the new token the way it read those pieces,
-    rather than from a random or all-zero row.
+    rather than from a random or all-zero row.  Under ZeRO-3 the rows are set on gathered weights
+    (transformers' resize gathers on its own).
     """
     new_id = tokenizer.convert_tokens_to_ids(config.END_MARKER)
-    if new_id >= model.get_input_embeddings().weight.shape[0]:
+    if new_id >= vocab_rows(model.get_input_embeddings()):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
-    with torch.no_grad():
-        for emb in {id(e): e for e in embeddings if e is not None}.values():
-            emb.weight[new_id] = emb.weight[old_piece_ids].mean(dim=0)
+    weights = [e.weight for e in {id(e): e for e in embeddings if e is not None}.values()]
+    with gathered(weights), torch.no_grad():
+        for weight in weights:
+            weight[new_id] = weight[old_piece_ids].mean(dim=0)
     return new_id
 
 
+# transformers reads the DeepSpeed config through a weak reference while it loads and resizes the model
+# under ZeRO-3: the object lives as long as the run
+_ZERO3_CONFIG = []
+
+
+def load_base_model(args, dtype, attn_implementation, ds_config, device):
+    """The base model from --model_path; under ZeRO-3 each rank loads only its part (deepspeed.zero.Init
+    through transformers' HfDeepSpeedConfig), so no rank ever holds the whole model."""
+    kwargs = (model_loader.model_load_kwargs(args.quant, str(device), True, attn_implementation)
+              if args.quant != "none" else {"dtype": dtype, "attn_implementation": attn_implementation})
+    if ds_config is not None and distributed.zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _ZERO3_CONFIG[:] = [HfDeepSpeedConfig(ds_config)]
+        quiet_zero3_collectives()
+    # loading draws no random numbers that training sees (zero.Init initialises weights before the
+    # checkpoint overwrites them): LoRA's init and dropout are the same at every ZeRO stage
+    with torch.random.fork_rng(devices=[]):
+        return AutoModelForCausalLM.from_pretrained(model_loader.resolve_path(args.model_path, "--model_path"),
+                                                    **kwargs)
+
+
 def build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids=None, base_model=None,
-                device="cpu"):
+                device="cpu", ds_config=None):
     """The model to train: the base from --model_path (or ``base_model``, as the benchmarks pass a
-    randomly initialised one), wrapped in LoRA or prepared for full fine-tuning."""
+    randomly initialised one), wrapped in LoRA or prepared for full fine-tuning.  ``ds_config``: the
+    DeepSpeed config in force (ZeRO-3 loads partitioned)."""
     # the first model class (and peft) import torchao where it is installed: its log lines are noise here
     with model_loader.quiet_torchao_import():
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         model = base_model
         if model is None:   # QLoRA: the frozen base in int8/nf4 through the shared loader's bitsandbytes settings
-            kwargs = (model_loader.model_load_kwargs(args.quant, str(device), True, attn_implementation)
-                      if args.quant != "none" else {"dtype": dtype, "attn_implementation": attn_implementation})
-            model = AutoModelForCausalLM.from_pretrained(model_loader.resolve_path(args.model_path, "--model_path"),
-                                                         **kwargs)
+            model = load_base_model(args, dtype, attn_implementation, ds_config, device)
     model.config.use_cache = False
     if getattr(args, "liger", "off") != "off":
         # fused RMSNorm / SwiGLU / rotary kernels on the base, before LoRA wraps its projections
@@ -288,7 +324,8 @@ def main(argv=None):
         resume_progress = checkpoints.read_progress(resume_dir) if resume_dir else None
         if resume_dir:
             checkpoints.check_resumable(resume_dir, resume_progress, fingerprint)
-        model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device)
+        model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device,
+                            ds_config=ds_config)
         checkpoints.check_free_disk(run_dir, checkpoints.checkpoint_bytes(model, dtype))
     except (DataError, LoaderError) as e:
         data_io.fail(str(e))
@@ -299,7 +336,7 @@ def main(argv=None):
     if resume_dir:
         resumed_rng, position = checkpoints.resume(resume_dir, resume_progress, engine, rank, steps_per_epoch)
         plan.update(position)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = checkpoints.trainable_numel(model)
     say(f"trainable parameters: {trainable:,}; rows: {len(train_dataset)}; micro-batch {micro_batch} x "
         f"accumulation {grad_accum} x ranks {world_size} = {micro_batch * grad_accum * world_size} rows per step; "
         f"{total_steps} steps")

@@ -10,6 +10,8 @@ import dataset
 import distributed
 import fused_kernels
 
+OFFLOAD_CHOICES = ("none", "cpu", "nvme")
+
 
 def build_parser(description=None):
     import deepspeed
@@ -43,7 +45,19 @@ def build_parser(description=None):
                         "last step (default from config.py: %(default)s)")
     p.add_argument("--micro_batch_size", type=int, default=None, help="rows per GPU per forward pass")
     p.add_argument("--grad_accum", type=int, default=None, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--zero_stage", type=int, choices=[0, 1, 2], default=None, help="ZeRO stage")
+    p.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="ZeRO stage: 1 splits the optimizer state among the ranks, 2 the gradients too, 3 the "
+                        "weights too (each rank loads and keeps only its part; needed for full fine-tuning of "
+                        "13B on 8 x 24/40 GB, docs/finetuning.md)")
+    p.add_argument("--offload_optimizer", choices=OFFLOAD_CHOICES, default=None,
+                   help="keep the optimizer state (fp32 master weights, Adam moments) in CPU memory or on an NVMe "
+                        "disk (--nvme_path) instead of the GPUs; ZeRO stage 1-3 (default: config.py's, cpu for "
+                        "full fine-tuning, none for LoRA)")
+    p.add_argument("--offload_param", choices=OFFLOAD_CHOICES, default=None,
+                   help="ZeRO-3 only: keep the 16-bit weights in CPU memory or on NVMe too, fetched layer by "
+                        "layer (default: none)")
+    p.add_argument("--nvme_path", default=None, metavar="DIR",
+                   help="a folder on a fast local NVMe disk for --offload_optimizer/--offload_param nvme")
     # ours
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the GPU supports it, else fp32 (default: %(default)s)")
@@ -81,6 +95,25 @@ def build_parser(description=None):
     return deepspeed.add_config_arguments(p)
 
 
+def check_zero_flags(parser, args):
+    """ZeRO stage and offload flags that cannot work together stop here, naming the alternative."""
+    if args.offload_param not in (None, "none") and args.zero_stage != 3:
+        parser.error(f"--offload_param {args.offload_param} moves the weights, which only ZeRO-3 partitions: "
+                     f"add --zero_stage 3 (or offload the optimizer state alone with --offload_optimizer)")
+    if args.offload_optimizer not in (None, "none") and args.zero_stage == 0:
+        parser.error(f"--offload_optimizer {args.offload_optimizer} needs ZeRO: use --zero_stage 1, 2 or 3")
+    uses_nvme = "nvme" in (args.offload_optimizer, args.offload_param)
+    if uses_nvme and not args.nvme_path:
+        parser.error("--offload_optimizer/--offload_param nvme needs --nvme_path DIR (a folder on a local NVMe disk)")
+    if args.nvme_path and not uses_nvme:
+        parser.error("--nvme_path is only read with --offload_optimizer nvme or --offload_param nvme: add one, "
+                     "or drop --nvme_path")
+    if args.zero_stage == 3 and args.quant != "none":
+        parser.error(f"--quant {args.quant} (QLoRA) keeps a bitsandbytes-quantized base that ZeRO-3 cannot "
+                     f"partition: use --zero_stage 2 with --quant, or --zero_stage 3 without --quant (plain LoRA "
+                     f"on a 16-bit base split among the GPUs)")
+
+
 def parse_args(argv=None, description=None):
     parser = build_parser(description)
     args = parser.parse_args(argv)
@@ -111,10 +144,13 @@ def parse_args(argv=None, description=None):
     if args.deepspeed_config and args.lr_schedule != "constant":
         parser.error(f"--lr_schedule {args.lr_schedule} rewrites config.py's scheduler; with --deepspeed_config put "
                      "the scheduler you want in that file and drop --lr_schedule")
-    if args.deepspeed_config and any(v is not None for v in (args.lr, args.warmup_steps, args.micro_batch_size,
-                                                                   args.grad_accum, args.zero_stage)):
-        parser.error("--deepspeed_config replaces the whole config: put lr/batch/ZeRO settings in that file, "
-                     "or drop --deepspeed_config and use --lr/--warmup_steps/--micro_batch_size/--grad_accum/--zero_stage")
+    overrides = (args.lr, args.warmup_steps, args.micro_batch_size, args.grad_accum, args.zero_stage,
+                 args.offload_optimizer, args.offload_param, args.nvme_path)
+    if args.deepspeed_config and any(v is not None for v in overrides):
+        parser.error("--deepspeed_config replaces the whole config: put lr/batch/ZeRO/offload settings in that file, "
+                     "or drop --deepspeed_config and use --lr/--warmup_steps/--micro_batch_size/--grad_accum/"
+                     "--zero_stage/--offload_optimizer/--offload_param")
+    check_zero_flags(parser, args)
     for name in ("max_epoches", "save_steps", "max_length", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be 1 or more")

@@ -2,6 +2,8 @@
 
 finetune.py runs it; bench/bench_train.py times the same functions.
 """
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -112,13 +114,27 @@ def train_step(engine, micro_batches, device, world_size):
 
 
 
+def quiet_zero3_collectives():
+    """ZeRO-3 gathers and scatters weights with collectives torch 2.13 calls deprecated: one warning per
+    call, several per step on every rank, none of them the user's to act on."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+
+
 def make_engine(model, ds_config, attn_implementation, dtype, loss_chunk, fused_loss=False):
     """DeepSpeed's engine around ``LossModule(model)``, training the parameters that require grad."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, attn_implementation, dtype, loss_chunk, fused_loss),
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+    module = LossModule(model, attn_implementation, dtype, loss_chunk, fused_loss)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        quiet_zero3_collectives()
+        # ZeRO-3: the loss uses the output layer's weight outside that layer's forward (forward_loss_sum),
+        # so DeepSpeed is told to gather it for LossModule's forward and backward as well
+        head = model.get_output_embeddings() if not hasattr(model, "get_base_model") \
+            else model.get_base_model().get_output_embeddings()
+        deepspeed.zero.register_external_parameter(module, head.weight)
     engine.train()
     return engine
 
