@@ -234,16 +234,14 @@ TRAIN = ["--max_length", str(MAX_LENGTH), "--max_epoches", "2", "--max_steps", "
 def test_two_nodes_lora_equals_one_node_and_per_node_save_dirs_stop_both(tiny_model_dir, tmp_path):
     data = convert(tiny_model_dir, str(tmp_path / "data"), small_dialogues() * 4)
     lora = TRAIN + ["--lr", "1e-2", "--lora_dropout", "0.1"]
-    # the reference: one node, two ranks (finetune.sh, DeepSpeed's launcher)
-    [(code, out)] = run_nodes([["bash", "finetune.sh"] + lora],
-                              [sh_env(tiny_model_dir, data, tmp_path / "one", 29872, GPUS="0,1")], tmp_path)
+    # the reference: one node, two ranks, with the arguments finetune.sh gives finetune.py
+    _, train = split_launch(dry_run(sh_env(tiny_model_dir, data, tmp_path / "one", 29872, GPUS="0,1"), *lora))
+    [(code, out)] = run_nodes(torchrun_nodes("code/finetune.py", train, 29872, 1), [{}], tmp_path)
     assert code == 0, out[-3000:]
-    # two nodes of one rank: DeepSpeed's launcher from a hostfile, without ssh, on each node
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    # two nodes of one rank: finetune.sh on each, one torchrun per node
     results = run_nodes([["bash", "finetune.sh"] + lora] * 2, [
-        sh_env(tiny_model_dir, data, tmp_path / "two", 29873, GPUS="0", HOSTFILE=str(hostfile), NO_SSH="1",
-               NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1") for rank in range(2)], tmp_path)
+        sh_env(tiny_model_dir, data, tmp_path / "two", 29873, GPUS="0", NNODES="2", NODE_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1") for rank in range(2)], tmp_path)
     for code, out in results:
         assert code == 0, out[-3000:]
     assert "ranks: 2" in results[0][1]
