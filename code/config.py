@@ -155,6 +155,13 @@ TRAINING_ATTENTION_CHOICES = ("sdpa", "flex", "flash")
 # finetune.py refuses to start with less free space than this many checkpoints (export + optimizer
 # state): room for the temporary copy written before the previous one goes, and for a short estimate.
 CHECKPOINT_DISK_MARGIN = 1.5
+# How long a rank waits for the others in one collective (and to join the group) before it stops with an
+# error instead of hanging: longer than the slowest legitimate wait, which is rank 0 writing a 13B full
+# fine-tuning checkpoint (26 GB of bf16 export + 13B x 12 bytes of ZeRO state over the nodes) while the
+# others wait: 10-20 minutes on a 50 MB/s network filesystem.  DeepSpeed's own default (10 minutes) can
+# cut that save short.  Decisions every rank must share (bad input, the checkpoint to resume) are agreed
+# by collectives at start, so a wrong flag stops every node at once and never waits for this.
+DIST_TIMEOUT_MINUTES = 30
 
 # ---- Generation (inference.py, chat) -- the seed's settings, with sampling really switched on
 GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.1,

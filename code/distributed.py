@@ -3,16 +3,26 @@
 finetune.py (and bench/bench_train.py) join the process group here (a one-process group when no
 launcher started them), resolve config.py's DS_CONFIG_lora / DS_CONFIG_ft with the command-line
 overrides, and turn its warm-up schedule into the decay that --lr_schedule asks for.
+
+Decisions every rank must share are made together, so that no rank stops alone while the others wait
+for it: rank 0 decides (``rank0_decides``: the input checks, the checkpoint to resume) and every rank
+gets its answer; each rank's own failures are pooled (``stop_together``) and every rank stops with the
+same message; ``check_shared_dir`` stops a run whose nodes do not share the save directory.  Values
+travel as JSON in byte tensors: nothing received from another process is unpickled.
 """
 import copy
+import datetime
 import json
 import os
+import secrets
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
 
 import config
+import data_io
 from data_io import DataError
 
 
@@ -28,11 +38,28 @@ def free_port():
         return s.getsockname()[1]
 
 
+def ranks_on_this_node(env=None):
+    """How many ranks share this machine: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's LOCAL_SIZE,
+    else WORLD_SIZE (a launcher that says neither runs one node)."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        if env.get(name, "").isdigit() and int(env[name]) > 0:
+            return int(env[name])
+    return 1
+
+
+def threads_per_rank(env=None, cores=None):
+    """CPU threads for one rank: the ranks of a node split its cores (oversubscribed threads make every
+    rank crawl); ranks on other nodes do not count."""
+    return max(1, (cores or os.cpu_count() or 1) // ranks_on_this_node(env))
+
+
 def init_distributed():
     """Join the process group made by deepspeed/torchrun, or make a one-process group.
 
     Returns (rank, world_size, device).  Without a launcher (plain `python code/finetune.py`) the
-    environment a launcher would set is filled in for one process, so the same code runs.
+    environment a launcher would set is filled in for one process, so the same code runs.  A rank
+    that waits longer than config.DIST_TIMEOUT_MINUTES for the others stops with an error.
     """
     import deepspeed
 
@@ -45,12 +72,121 @@ def init_distributed():
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        # ranks sharing the CPU split its cores; oversubscribed threads make every rank crawl
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+        torch.set_num_threads(threads_per_rank())
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(minutes=config.DIST_TIMEOUT_MINUTES))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+# ----------------------------------------------------------------------------------------------
+# decisions all ranks share
+# ----------------------------------------------------------------------------------------------
+def _encode(value, device):
+    return torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8).to(device)
+
+
+def _decode(tensor):
+    return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+
+
+def broadcast_json(value, device, src=0):
+    """Rank ``src``'s ``value`` (anything JSON holds) on every rank, rank ``src`` included (a collective)."""
+    payload = _encode(value, device) if dist.get_rank() == src else None
+    size = torch.tensor([0 if payload is None else payload.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    if payload is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src)
+    return _decode(payload)
+
+
+def all_gather_json(value, device):
+    """Every rank's ``value`` on every rank, in rank order (a collective)."""
+    payload = _encode(value, device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [_decode(t[:int(n.item())]) for t, n in zip(gathered, sizes)]
+
+
+def rank0_decides(decide, device, errors=(DataError,)):
+    """``decide()`` run on rank 0 only, its (JSON) result returned on every rank (a collective).
+
+    An error of ``errors`` that it raises is raised on every rank as DataError with the same message.
+    """
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = {"value": decide()}
+        except errors as e:
+            outcome = {"error": str(e)}
+    outcome = broadcast_json(outcome, device)
+    if "error" in outcome:
+        raise DataError(outcome["error"])
+    return outcome["value"]
+
+
+def stop_together(error, device):
+    """Every rank passes its error message, or None (a collective).  When any rank has one, every rank
+    raises DataError with the same message: the lowest failing rank's, naming that rank and its host
+    when it is not rank 0."""
+    reports = all_gather_json(None if error is None else [error, socket.gethostname()], device)
+    for rank, report in enumerate(reports):
+        if report is not None:
+            message, host = report
+            raise DataError(message if rank == 0 else f"{message} (rank {rank}, on {host})")
+
+
+SHARED_DIR_MARKER = ".shared-dir-check"
+
+
+def check_shared_dir(path, flag, device):
+    """Stop every rank unless each one sees the folder ``path`` that rank 0 writes in (a collective).
+
+    Rank 0 writes a file with a random token there; after it, every rank reads it back.  A node with
+    its own disk under that path (no shared filesystem) reads nothing or an old token: checkpoints
+    would be split between the nodes and could not be resumed, so the run stops before any work.
+    """
+    marker = os.path.join(path, SHARED_DIR_MARKER)
+
+    def write_marker():
+        token = secrets.token_hex(16)
+        try:
+            data_io.atomic_write_bytes(marker, token.encode("ascii"))
+        except OSError as e:
+            raise DataError(f"{flag} {path}: cannot write there ({e.strerror}); pick a writable path")
+        return token
+
+    token = rank0_decides(write_marker, device)
+    try:
+        with open(marker, "r", encoding="ascii") as f:
+            seen = f.read()
+    except OSError:
+        seen = None
+    error = None if seen == token else (
+        f"{flag}: {path} is not the same folder on every node (the check file rank 0 wrote there is "
+        f"{'missing' if seen is None else 'another'} here); all ranks write one checkpoint together, so put "
+        f"{flag} (SAVE_DIR of finetune.sh) on a filesystem every node shares (NFS, Lustre, ...)")
+    try:
+        stop_together(error, device)
+    finally:
+        if dist.get_rank() == 0:
+            try:
+                os.remove(marker)
+            except OSError:
+                pass
+
+
+def fail(message):
+    """Stop this rank with ``message`` when every rank stops with it: printed once per node, exit 2."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def resolve_ds_config(args, precision, device):

@@ -277,20 +277,65 @@ def train(args, engine, train_dataset, sampler, plan, save, runlog, device, worl
     return global_step
 
 
+SETUP_ERRORS = (DataError, LoaderError)
+
+
 def setup(args, device):
-    """Checks and inputs: (settings, tokenizer, end_piece_ids, rows); every rank stops on a bad input."""
+    """Checks and inputs: (settings, tokenizer, end_piece_ids, rows).  Rank 0 checks the inputs and the
+    save folder every node must share; each rank then loads its own, and every rank stops together, with
+    one message, when any of them fails."""
     try:
-        check_inputs(args)
-        settings = training_settings(args, device)
-        tokenizer = model_loader.load_tokenizer(args.model_path, "--model_path")
-        # full fine-tuning trains '<end>' as one token: the data is checked against that tokenizer
-        end_piece_ids = None if args.use_lora or is_pretrain_data(args) else add_end_token(tokenizer)
-        train_dataset = load_train_dataset(args, tokenizer)
-    except (DataError, LoaderError) as e:
-        data_io.fail(str(e))
-    if len(train_dataset) == 0:
-        data_io.fail(f"--data_path {args.data_path}: no training rows")
+        distributed.rank0_decides(lambda: check_inputs(args), device, SETUP_ERRORS)
+        distributed.check_shared_dir(os.path.join(args.save_dir, args.save_name), "--save_dir", device)
+        error = settings = tokenizer = end_piece_ids = train_dataset = None
+        try:
+            settings = training_settings(args, device)
+            tokenizer = model_loader.load_tokenizer(args.model_path, "--model_path")
+            # full fine-tuning trains '<end>' as one token: the data is checked against that tokenizer
+            end_piece_ids = None if args.use_lora or is_pretrain_data(args) else add_end_token(tokenizer)
+            train_dataset = load_train_dataset(args, tokenizer)
+            if len(train_dataset) == 0:
+                raise DataError(f"--data_path {args.data_path}: no training rows")
+        except SETUP_ERRORS as e:
+            error = str(e)
+        distributed.stop_together(error, device)
+    except DataError as e:
+        distributed.fail(str(e))
     return settings, tokenizer, end_piece_ids, train_dataset
+
+
+def decide_resume(args, fingerprint):
+    """Rank 0's decision: [the checkpoint to resume from, its progress], or [None, None]."""
+    if not args.resume_from:
+        return [None, None]
+    path = checkpoints.resolve_resume_dir(args)
+    progress = checkpoints.read_progress(path)
+    checkpoints.check_resumable(path, progress, fingerprint)
+    return [path, progress]
+
+
+def prepare_model(args, tokenizer, settings, ds_config, end_piece_ids, run_dir, fingerprint, device):
+    """(model, resume dir, its progress): every rank resumes from the checkpoint rank 0 chose, and every
+    rank stops together when any of them cannot read it or load the model.  ``ds_config``: the config in
+    force (under ZeRO-3 the model loads partitioned)."""
+    _, dtype, _, attn_implementation, _ = settings
+    try:
+        resume_dir, progress = distributed.rank0_decides(lambda: decide_resume(args, fingerprint), device,
+                                                         SETUP_ERRORS)
+        error = model = None
+        try:
+            if resume_dir and checkpoints.read_progress(resume_dir) != progress:
+                raise DataError(f"--resume_from {resume_dir}: rank 0 reads this checkpoint, this node cannot (or "
+                                f"reads another one); put it in a folder every node shares")
+            model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device,
+                                ds_config=ds_config)
+            checkpoints.check_free_disk(run_dir, checkpoints.checkpoint_bytes(model, dtype))
+        except SETUP_ERRORS as e:
+            error = str(e)
+        distributed.stop_together(error, device)
+    except DataError as e:
+        distributed.fail(str(e))
+    return model, resume_dir, progress
 
 
 def main(argv=None):
@@ -299,8 +344,8 @@ def main(argv=None):
     rank, world_size, device = distributed.init_distributed()
     is_rank0, say = rank == 0, distributed.print_rank0
     torch.manual_seed(args.seed)
-    (precision, dtype, ds_config, attn_implementation, attn_note), tokenizer, end_piece_ids, train_dataset = \
-        setup(args, device)
+    settings, tokenizer, end_piece_ids, train_dataset = setup(args, device)
+    precision, dtype, ds_config, attn_implementation, attn_note = settings
     say(attn_note)
     if args.liger != "off":
         say("liger-kernel: fused RMSNorm, SwiGLU, rotary embedding"
@@ -319,16 +364,8 @@ def main(argv=None):
     # ---- model (and the checkpoint to resume from) ----
     run_dir = os.path.join(args.save_dir, args.save_name)
     fingerprint = checkpoints.resume_fingerprint(args, ds_config, world_size, train_dataset)
-    try:
-        resume_dir = checkpoints.resolve_resume_dir(args) if args.resume_from else None
-        resume_progress = checkpoints.read_progress(resume_dir) if resume_dir else None
-        if resume_dir:
-            checkpoints.check_resumable(resume_dir, resume_progress, fingerprint)
-        model = build_model(args, tokenizer, dtype, attn_implementation, end_piece_ids, device=device,
-                            ds_config=ds_config)
-        checkpoints.check_free_disk(run_dir, checkpoints.checkpoint_bytes(model, dtype))
-    except (DataError, LoaderError) as e:
-        data_io.fail(str(e))
+    model, resume_dir, resume_progress = prepare_model(args, tokenizer, settings, ds_config, end_piece_ids, run_dir,
+                                                       fingerprint, device)
     engine = make_engine(model, ds_config, attn_implementation, dtype, args.loss_chunk, fused_loss=args.liger == "all")
     plan = {"micro_batch": micro_batch, "grad_accum": grad_accum, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "global_step": 0, "start_epoch": 0, "start_step_in_epoch": 0}

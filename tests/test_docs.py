@@ -4,7 +4,7 @@
   and the same commands.
 - Every script a page names exists.
 - Each command of a ```bash block: `python SCRIPT ARGS` (also behind `deepspeed`/`torchrun` or environment
-  variables) parses with the script's own parser; `bash finetune.sh ARGS` sets only variables finetune.sh
+  variables, or srun) parses with the script's own parser; `bash finetune.sh ARGS` sets only variables finetune.sh
   reads and ARGS parse with finetune.py's parser; `pip install -r FILE` names an existing file; `curl`
   names a route of the API server; `python -m pytest` names a declared marker; `transformers serve` takes
   only options of the installed transformers' command, `vllm serve` only the options listed here.
@@ -190,6 +190,10 @@ def check_pytest(args):
 def test_command_is_checked(page, command):
     env, words = split_env(shlex.split(command))
     program = words.pop(0)
+    if program == "srun":          # srun --OPTION=VALUE... COMMAND: SLURM runs COMMAND on each node
+        while words[0].startswith("-"):
+            words.pop(0)
+        program = words.pop(0)
     if program in LAUNCHERS:       # deepspeed --num_gpus N SCRIPT ARGS, torchrun --nproc_per_node N SCRIPT ARGS
         words = words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
         program = "python"
