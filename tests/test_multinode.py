@@ -162,7 +162,9 @@ RANKS = textwrap.dedent(f"""
     attempt("none_fails", lambda: distributed.stop_together(None, cpu))
     attempt("shared_dir", lambda: distributed.check_shared_dir(shared, "--save_dir", cpu))
     attempt("own_dirs", lambda: distributed.check_shared_dir(own, "--save_dir", cpu))
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()   # a gloo group left to the interpreter's exit can abort the process
 """)
 
 
@@ -172,10 +174,11 @@ def test_ranks_decide_together_and_stop_together(tmp_path):
     stale = tmp_path / "own1" / distributed.SHARED_DIR_MARKER
     stale.parent.mkdir()
     stale.write_text("an old run's token")   # node 1's own disk, with a marker of an earlier run
+    port = str(distributed.free_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "shared"), str(tmp_path / "own")],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=script_env({"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": "29871"})) for r in range(2)]
+                                              "MASTER_PORT": port})) for r in range(2)]
     try:
         outputs = [p.communicate(timeout=120) for p in procs]
     finally:
