@@ -10,6 +10,7 @@ place.  The web demo runs as `python code/web_demo.py --demo` and is driven in h
 (selenium + Debian's chromium-driver); its screenshot goes to tests/artifacts/web_demo.png.
 """
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -381,6 +382,58 @@ def test_16_concurrent_requests_get_their_solo_answers(api, client, demo_data):
     assert run(requests[0]) == alone[0]    # and it keeps serving
 
 
+def server_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_burst_of_200_requests_is_answered_or_refused(api):
+    """200 requests at once, twice: each is answered (200) or refused (429 + Retry-After), none fails or
+    hangs, and the second burst leaves the server's memory where the first did."""
+    import asyncio
+
+    base, server = api
+    body = {"messages": [{"role": "user", "content": QUERY}], "max_tokens": 16}
+
+    async def burst():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=300,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as session:
+            return await asyncio.gather(*[session.post(base + "/v1/chat/completions", json=body)
+                                          for _ in range(200)])
+
+    sizes = []
+    for _ in range(2):
+        answers = asyncio.run(burst())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 429}, sorted(set(codes))
+        capacity = config.SERVER["batching"]["max_requests_per_batch"] + config.SERVER["max_waiting"]
+        assert codes.count(200) >= capacity and codes.count(429) > 0, (codes.count(200), codes.count(429))
+        assert all(CANNED_ANSWERS[0].startswith(a.json()["choices"][0]["message"]["content"])
+                   for a in answers if a.status_code == 200)
+        assert all(int(a.headers["Retry-After"]) >= 1 for a in answers if a.status_code == 429)
+        sizes.append(server_rss_mb(server.proc.pid))
+        print(f"burst: {codes.count(200)} answered, {codes.count(429)} refused; server RSS {sizes[-1]:.0f} MB")
+    assert sizes[1] - sizes[0] < 100, sizes
+    health = httpx.get(base + "/health").json()
+    assert health["waiting"] == 0 and health["running"] == 0 and health["failed"] == 0
+
+
+def test_bench_serve_measures_a_running_server(api, tmp_path):
+    out = tmp_path / "serve.json"
+    proc = run_script(["bench/bench_serve.py", "--url", api[0], "--api_key", KEY, "--clients", "1,3",
+                       "--requests_per_client", "2", "--max_tokens", "8", "--json", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["clients"] for r in report["rows"]] == [1, 3] and [r["requests"] for r in report["rows"]] == [2, 6]
+    for row in report["rows"]:
+        assert 0 < row["tokens"] <= 8 * row["requests"] and row["tok_per_s"] > 0
+        assert 0 < row["ttft_median_s"] <= row["p50_s"] <= row["p95_s"]
+        assert f"| {row['clients']} | {row['requests']} | {row['tok_per_s']} |" in proc.stdout
+    assert f"ratio 3 clients / 1 client: {report['ratio']:.2f}x" in proc.stdout
+    assert run_script(["bench/bench_serve.py", "--clients", "0"]).returncode == 2
+
+
 @pytest.mark.slow
 def test_cli_errors(model_dir, tmp_path):
     proc = run_script(["code/api_server.py", "--demo", "--model_path", model_dir])
@@ -399,38 +452,89 @@ def test_cli_errors(model_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# a client that goes away frees its place (in-process server, slowed-down model)
+# batching, and a client that goes away (in-process server; a forward hook counts and slows the steps)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_client_that_disconnects_frees_its_slot(loaded, monkeypatch):
+@contextlib.contextmanager
+def in_process_server(loaded, delay=0.0, **kwargs):
+    """create_app on the loaded demo model under uvicorn in a thread: (base url, engine, forward-pass times)."""
     import uvicorn
 
-    delay = 0.3
-    on_tokens = chat.Reply._on_tokens
-
-    def slow(self, ids):   # a slow model: 0.3 s per token, so that the canned answer takes ~12 s
-        time.sleep(delay)
-        on_tokens(self, ids)
-
-    monkeypatch.setattr(chat.Reply, "_on_tokens", slow)
     model, tokenizer = loaded
-    app = api_server.create_app(model, tokenizer, defaults=chat.default_settings(demo=True), poll_s=0.1)
+    steps = []
+
+    def step(module, args):   # every forward pass: one step of the batch, or of one generate()
+        steps.append(time.time())
+        time.sleep(delay)
+
+    handle = model.register_forward_pre_hook(step)
+    app = api_server.create_app(model, tokenizer, defaults=chat.default_settings(demo=True), poll_s=0.1, **kwargs)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{port}"
-    engine = app.state.engine
     try:
         deadline = time.time() + 30
         while not server.started:
             assert time.time() < deadline
             time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", app.state.engine, steps
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        handle.remove()
+    assert not thread.is_alive() and not app.state.engine.batcher.manager.is_running()
+
+
+def wait_for_status(engine, expected, seconds=15):
+    deadline = time.time() + seconds
+    while {k: engine.status()[k] for k in expected} != expected:
+        assert time.time() < deadline, engine.status()
+        time.sleep(0.05)
+
+
+def test_concurrent_requests_share_the_forward_passes(loaded):
+    """8 greedy requests sent together take about as many forward passes as the longest alone (one batch
+    step serves all), not the sum; a seeded one runs alone (batch paused) and still reproduces."""
+    queries = [QUERY, QUERY2, "你好", "今天天气怎么样", "讲个笑话", "写一首诗", "你是谁", "1+1=?"]
+    with in_process_server(loaded) as (base, engine, steps):
+        assert engine.status()["batching"]
+
+        def ask(query, **extra):
+            body = dict(messages=[{"role": "user", "content": query}], max_tokens=12, **extra)
+            response = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        alone = [ask(q) for q in queries]
+        solo_steps = len(steps)
+        tokens = [a["usage"]["completion_tokens"] for a in alone]
+        assert solo_steps >= sum(tokens)          # one forward pass per token of each answer
+        start = threading.Barrier(len(queries))
+
+        def together(query):
+            start.wait()
+            return ask(query)
+
+        with concurrent.futures.ThreadPoolExecutor(len(queries)) as pool:
+            at_once = list(pool.map(together, queries))
+        batched_steps = len(steps) - solo_steps
+        assert [a["choices"][0]["message"]["content"] for a in at_once] == \
+            [a["choices"][0]["message"]["content"] for a in alone]
+        assert batched_steps < sum(tokens) / 2, (batched_steps, tokens)
+        print(f"8 requests: {solo_steps} forward passes one at a time, {batched_steps} together")
+        sampled = [ask("随便说点什么", temperature=1.5, seed=7)["choices"][0]["message"]["content"] for _ in range(2)]
+        assert sampled[0] == sampled[1]
+        assert engine.status()["failed"] == 0
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_frees_its_slot(loaded):
+    delay = 0.3   # per step: the canned answer takes ~12 s
+    with in_process_server(loaded, delay) as (base, engine, steps):
         body = {"messages": [{"role": "user", "content": QUERY}], "stream": True}   # no key: none was set
         full_tokens = solo(loaded, [], QUERY).new_tokens
         assert full_tokens * delay > 8   # (39 tokens)
-
-        # a request waiting in the queue behind a long stream whose client gives up: never generated
+        # a streaming client and a waiting one both give up long before their answers end
         with httpx.Client(timeout=60) as first:
             with first.stream("POST", base + "/v1/chat/completions", json=body) as stream:
                 lines = (line for line in stream.iter_lines() if line)   # events, without the blank lines
@@ -438,25 +542,43 @@ def test_a_client_that_disconnects_frees_its_slot(loaded, monkeypatch):
                 started = time.time()
                 with pytest.raises(httpx.ReadTimeout):
                     httpx.post(base + "/v1/chat/completions", json=dict(body, stream=False), timeout=1.0)
-                assert engine.status()["waiting"] == 1
                 text = json.loads(next(lines)[6:])["choices"][0]["delta"]["content"]
                 assert CANNED_ANSWERS[0].startswith(text)
-            # the streaming client closed its connection: the generation stops, the waiting one is dropped
-        deadline = time.time() + 10
-        while engine.status() != {"waiting": 0, "busy": False, "finished": 0, "cancelled": 2, "failed": 0}:
-            assert time.time() < deadline, engine.status()
-            time.sleep(0.05)
+            # the streaming client closed its connection: both generations leave the batch
+        wait_for_status(engine, {"waiting": 0, "running": 0, "busy": False, "finished": 0, "cancelled": 2,
+                                 "failed": 0})
         freed = time.time() - started
-        # the slot is free well before the long answer would have ended: a new request finishes promptly
+        before = len(steps)
+        time.sleep(4 * delay)
+        assert len(steps) == before          # no forward pass runs for the requests that left
+        # the slots are free well before the long answer would have ended: a new request finishes promptly
         answer = httpx.post(base + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=3), timeout=30)
         done = time.time() - started
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         assert done < full_tokens * delay / 2, (freed, done)
-        print(f"slot freed {freed:.1f}s after the stream started; a new answer came {done:.1f}s after "
+        print(f"slots freed {freed:.1f}s after the stream started; a new answer came {done:.1f}s after "
               f"(the whole answer takes {full_tokens * delay:.0f}s)")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_beyond_capacity_429_with_retry_after(loaded):
+    """With 16 in the batch and max_waiting 2, a burst of 30 slow requests: 18 answered, 12 refused with 429
+    and a Retry-After; none fails; then the engine is empty and serves again."""
+    with in_process_server(loaded, 0.2, max_waiting=2) as (base, engine, steps):
+        slots = engine.slots
+        body = {"messages": [{"role": "user", "content": QUERY}], "max_tokens": 8}
+
+        def ask(_):
+            return httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(ask, range(30)))
+        codes = sorted(a.status_code for a in answers)
+        assert set(codes) == {200, 429} and codes.count(200) >= slots + 2, codes
+        refused = [a for a in answers if a.status_code == 429]
+        assert all(int(a.headers["Retry-After"]) >= 1 and a.json()["error"]["code"] == "server_busy" for a in refused)
+        wait_for_status(engine, {"waiting": 0, "running": 0, "failed": 0})
+        assert engine.status()["finished"] == codes.count(200)
+        assert httpx.post(base + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
 # --------------------------------------------------------------------------------------------------
