@@ -49,6 +49,7 @@ class Job:
         self.cancelled = threading.Event()
         self.reply = None
         self.canceller = None    # set by the path running the job: stops its generation
+        self.started = None      # time.monotonic() at submission
         self._lock = threading.Lock()
 
     def emit(self, kind, payload=None):

@@ -527,6 +527,49 @@ def test_concurrent_requests_share_the_forward_passes(loaded):
         assert engine.status()["failed"] == 0
 
 
+def test_a_lora_model_is_merged_and_batched(loaded):
+    """A PeftModel over float weights is merged at start and batched; its greedy answers are the adapter's."""
+    import asyncio
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import api_queue
+
+    model, tokenizer = loaded
+    torch.manual_seed(0)
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False)).eval()
+    settings = chat.generation_settings(**dict(config.DEMO["generation"], max_new_tokens=12))
+    queries = [QUERY, "你好", "写一首诗"]
+    expected = [chat.start_reply(lora, tokenizer, [], q, settings).result().response for q in queries]
+    plain = [chat.start_reply(model, tokenizer, [], q, settings).result().response for q in queries]
+    assert expected != plain                                  # the adapter changes the answers
+    engine = api_queue.Engine(lora, tokenizer, 4, notice=lambda message: None)
+    try:
+        assert engine.batcher is not None and not hasattr(engine.model, "peft_config")
+
+        async def answers():
+            request = api_protocol.GenerationRequest(settings, [], None, False, False)
+            jobs = [api_queue.Job(chat.build_prompt(tokenizer, [], q), request, asyncio.get_running_loop())
+                    for q in queries]
+            for job in jobs:
+                engine.submit(job)
+            texts = []
+            for job in jobs:
+                parts = []
+                while (event := await job.events.get())[0] == "text":
+                    parts.append(event[1])
+                assert event[0] == "done", event
+                texts.append("".join(parts))
+            return texts
+
+        assert asyncio.run(answers()) == expected
+    finally:
+        engine.close()
+
+
 @pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot(loaded):
     delay = 0.3   # per step: the canned answer takes ~12 s
