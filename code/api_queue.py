@@ -83,6 +83,25 @@ class Job:
             canceller()
 
 
+class SyncJob(Job):
+    """A Job read from a plain thread (the web demo's handler) instead of an event loop: iterate over it
+    for its events, the last one ('done', Outcome) or ('error', exception)."""
+
+    def __init__(self, prepared, request):
+        super().__init__(prepared, request, None)
+        self.events = queue.Queue()
+
+    def emit(self, kind, payload=None):
+        self.events.put((kind, payload))
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if event[0] != "text":
+                return
+
+
 def batch_refusal(request):
     """Why the batch cannot honour ``request`` (a GenerationRequest), or None."""
     if request.seed is not None:

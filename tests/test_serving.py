@@ -26,6 +26,7 @@ import pytest
 from conftest import CANNED_ANSWERS, REPO, demo_command, run_script
 
 import api_protocol
+import api_queue
 import api_server
 import chat
 import config
@@ -535,8 +536,6 @@ def test_a_lora_model_is_merged_and_batched(loaded):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import api_queue
-
     model, tokenizer = loaded
     torch.manual_seed(0)
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
@@ -629,32 +628,38 @@ def test_beyond_capacity_429_with_retry_after(loaded):
 # --------------------------------------------------------------------------------------------------
 SLOW_TOKENS = """
 import time
-import chat
-_on_tokens = chat.Reply._on_tokens
-def slow(self, ids):            # {delay}s per token, so that the page shows the answer growing
+import api_queue
+_advance = api_queue.Batcher._advance
+def slow(self, rid, run, out):   # {delay}s per token handed to the page, so that it shows the answer growing
     time.sleep({delay})
-    _on_tokens(self, ids)
-chat.Reply._on_tokens = slow
+    _advance(self, rid, run, out)
+api_queue.Batcher._advance = slow
 """
 
 
 def test_web_demo_handler_streams_the_answer_chat_gives(loaded):
-    """The page's answer handler (no browser): the question box is emptied, the answer grows piece by piece
-    and ends as the answer chat gives; the next question carries the history."""
+    """The page's answer handler (no browser), through the API server's engine (batched): the question box is
+    emptied, the answer grows piece by piece and ends as the answer chat gives; the next question carries the
+    history."""
     model, tokenizer = loaded
-    respond = web_demo.responder(model, tokenizer, chat.default_settings(demo=True), chat.context_length_of(model))
-    controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
-    # the handler updates one history list in place: each update is copied as it comes
-    updates = [(box, [dict(m) for m in history]) for box, history in respond(config.CANNED_QUERIES[0], [], *controls)]
-    assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
-                               {"role": "assistant", "content": ""}])
-    answers = [history[-1]["content"] for _, history in updates[1:]]
-    assert len(answers) > 3 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
-    assert answers[-1] == solo(loaded, [], config.CANNED_QUERIES[0]).response == CANNED_ANSWERS[0]
-    history = updates[-1][1]
-    second = list(respond(config.CANNED_QUERIES[1], history, *controls))[-1][1]
-    assert second[-1]["content"] == solo(loaded, [(config.CANNED_QUERIES[0], CANNED_ANSWERS[0])],
-                                         config.CANNED_QUERIES[1]).response == CANNED_ANSWERS[1]
+    with contextlib.closing(api_queue.Engine(model, tokenizer, 4)) as engine:   # its batch thread ends here
+        assert engine.status()["batching"]
+        respond = web_demo.responder(engine, tokenizer, chat.default_settings(demo=True),
+                                     chat.context_length_of(model))
+        controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
+        # the handler updates one history list in place: each update is copied as it comes
+        updates = [(box, [dict(m) for m in history])
+                   for box, history in respond(config.CANNED_QUERIES[0], [], *controls)]
+        assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
+                                   {"role": "assistant", "content": ""}])
+        answers = [history[-1]["content"] for _, history in updates[1:]]
+        assert len(answers) > 3 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+        assert answers[-1] == solo(loaded, [], config.CANNED_QUERIES[0]).response == CANNED_ANSWERS[0]
+        history = updates[-1][1]
+        second = list(respond(config.CANNED_QUERIES[1], history, *controls))[-1][1]
+        assert second[-1]["content"] == solo(loaded, [(config.CANNED_QUERIES[0], CANNED_ANSWERS[0])],
+                                             config.CANNED_QUERIES[1]).response == CANNED_ANSWERS[1]
+        assert engine.status()["finished"] == 2
 
 
 @pytest.fixture(scope="module")
