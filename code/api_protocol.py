@@ -25,9 +25,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
 
 
 class ApiError(Exception):
-    def __init__(self, status, message, param=None, code=None):
+    def __init__(self, status, message, param=None, code=None, retry_after=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after   # seconds: a Retry-After header (429)
+
+    def headers(self):
+        return {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
 
     def body(self):
         return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),

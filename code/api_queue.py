@@ -1,16 +1,35 @@
-"""The API server's queue: requests wait in arrival order (at most ``max_waiting``, beyond that 429) and
-one worker thread generates their answers one at a time through chat.Reply, handing text pieces back to
+"""The API server's engine: requests run together through transformers' continuous batching (one
+paged KV cache, one forward pass per step for every running request), handing text pieces back to
 each request's event loop.
+
+A request the batch cannot honour runs on the one-at-a-time path (chat.Reply, generate()) while the
+batch is paused: a ``seed`` (the batch draws every request's samples from one random generator) or a
+``repetition_penalty`` other than 1 (the batch's logits processors see only the tokens of the current
+step, not a request's history).  A model the batch cannot take (bitsandbytes int8/nf4 or torchao
+weights, --fast's static cache) serves every request on that path.  A LoRA adapter over float weights
+is merged into them at start (the same answers, one matrix product less per layer).
+
+Beyond the requests being generated (config.SERVER['batching']['max_requests_per_batch']) at most
+``max_waiting`` wait; more get 429 with a Retry-After header.  A request whose client leaves is
+cancelled: it leaves the batch (its cache pages freed) before the next step.
 """
 import asyncio
+import contextlib
+import copy
+import math
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import transformers
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import chat
+import config
+import model_loader
 from api_protocol import ApiError, StopText
+from data_io import DataError, note
 
 
 @dataclass
@@ -21,7 +40,7 @@ class Outcome:
 
 
 class Job:
-    """One request's generation.  The worker thread sends events to the request's event loop:
+    """One request's generation.  The engine sends events to the request's event loop:
     ('text', str), then ('done', Outcome) or ('error', exception)."""
 
     def __init__(self, prepared, request, loop):
@@ -29,6 +48,8 @@ class Job:
         self.events = asyncio.Queue()
         self.cancelled = threading.Event()
         self.reply = None
+        self.canceller = None    # set by the path running the job: stops its generation
+        self.started = None      # time.monotonic() at submission
         self._lock = threading.Lock()
 
     def emit(self, kind, payload=None):
@@ -43,78 +64,323 @@ class Job:
             if self.cancelled.is_set():
                 reply.cancel()
 
+    def on_cancel(self, canceller):
+        """Run ``canceller()`` when the job is cancelled (now, if it already was)."""
+        with self._lock:
+            self.canceller = canceller
+            now = self.cancelled.is_set()
+        if now:
+            canceller()
+
     def cancel(self):
         """Safe from any thread, at any time (also after the end)."""
         with self._lock:
             self.cancelled.set()
             if self.reply is not None:
                 self.reply.cancel()
+            canceller = self.canceller
+        if canceller is not None:
+            canceller()
+
+
+class SyncJob(Job):
+    """A Job read from a plain thread (the web demo's handler) instead of an event loop: iterate over it
+    for its events, the last one ('done', Outcome) or ('error', exception)."""
+
+    def __init__(self, prepared, request):
+        super().__init__(prepared, request, None)
+        self.events = queue.Queue()
+
+    def emit(self, kind, payload=None):
+        self.events.put((kind, payload))
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if event[0] != "text":
+                return
+
+
+def batch_refusal(request):
+    """Why the batch cannot honour ``request`` (a GenerationRequest), or None."""
+    if request.seed is not None:
+        return "seed"
+    if float(request.settings["repetition_penalty"]) != 1.0:
+        return "repetition_penalty"
+    return None
+
+
+def batchable_model(model, notice=note):
+    """(model for the batch, None) or (model as given, why it cannot batch).  A PeftModel over float
+    weights is merged (merge_and_unload: the adapter's product added to the weights once)."""
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+    base = getattr(model, "base_model", None)
+    quantized = quantized or getattr(getattr(base, "model", None), "is_quantized", False)
+    if quantized:
+        return model, "quantized weights (bitsandbytes / torchao) are not supported by continuous batching"
+    if model_loader.fast_path_active(model):
+        return model, "--fast's static cache and compiled step serve one request at a time"
+    if hasattr(model, "merge_and_unload"):   # a PeftModel (LoRA) over float weights
+        notice("merging the LoRA adapter into the weights for batched serving")
+        model = model.merge_and_unload()
+    if not hasattr(model, "init_continuous_batching"):
+        return model, f"{type(model).__name__} has no continuous batching"
+    return model, None
+
+
+def batch_sizes(model):
+    """config.SERVER's batching sizes for the model's device, checked: one whole context must fit the cache."""
+    sizes = dict(config.SERVER["batching_gpu" if model.device.type == "cuda" else "batching"])
+    context = chat.context_length_of(model)
+    if sizes["num_blocks"] is not None and sizes["num_blocks"] * sizes["page_size"] < context:
+        raise DataError(f"config.SERVER batching: num_blocks {sizes['num_blocks']} x page_size {sizes['page_size']} "
+                        f"tokens cannot hold one request of the model's context ({context} tokens); raise num_blocks "
+                        f"to at least {math.ceil(context / sizes['page_size'])}")
+    return sizes
+
+
+def job_tail(job, stopper, streamed, response):
+    """Send what the final ``response`` holds beyond the ``streamed`` text, and what ``stopper`` held back."""
+    tail = response[len(streamed):] if response.startswith(streamed) else ""
+    text = stopper.feed(tail) if tail else ""
+    if not stopper.hit:
+        text += stopper.flush()
+    if text:
+        job.emit("text", text)
+
+
+@dataclass
+class _Run:
+    """A job in the batch: what it generated and streamed so far."""
+    job: Job
+    stopper: StopText
+    max_new_tokens: int
+    generated: list = field(default_factory=list)
+    streamed: str = ""
+    started: bool = False
+
+
+class Batcher:
+    """transformers' ContinuousBatchingManager, its results routed to the jobs by one dispatcher thread
+    (which decodes and applies the end marker and stop strings; a job that ends early is cancelled in
+    the batch)."""
+
+    def __init__(self, model, tokenizer, on_end, sizes):
+        self.tokenizer, self.on_end = copy.deepcopy(tokenizer), on_end   # the dispatcher's own tokenizer
+        self.eos = chat.stop_token_ids(tokenizer)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.slots = int(sizes.pop("max_requests_per_batch"))
+        # placeholders that make transformers build the temperature / top-k / top-p processors; every
+        # request passes its own three values (per_request_processors)
+        generation = GenerationConfig(do_sample=True, temperature=0.5, top_k=2, top_p=0.5, max_new_tokens=16,
+                                      eos_token_id=self.eos, pad_token_id=tokenizer.pad_token_id)
+        batching = ContinuousBatchingConfig(**sizes, max_requests_per_batch=self.slots, per_request_processors=True,
+                                            allow_block_sharing=False, auto_switch_to_flash=model.device.type == "cuda")
+        self.manager = model.init_continuous_batching(generation_config=generation,
+                                                      continuous_batching_config=batching)
+        self.manager.start()
+        self.runs, self.lock, self.closed = {}, threading.Lock(), False
+        threading.Thread(target=self._dispatch, name="cutegpt-batch-results", daemon=True).start()
+
+    def sampling(self, settings):
+        """The per-request processor values: greedy is top-k 1 (the one most likely token is sampled)."""
+        if not settings["do_sample"]:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        top_k = int(settings["top_k"])
+        return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+                "top_k": self.vocab if top_k <= 0 else min(top_k, self.vocab)}
+
+    def add(self, job):
+        settings = job.request.settings
+        run = _Run(job, StopText(job.request.stops), int(settings["max_new_tokens"]))
+        with self.lock:
+            rid = self.manager.add_request(list(job.prepared.input_ids), max_new_tokens=run.max_new_tokens,
+                                           streaming=True, eos_token_id=self.eos, **self.sampling(settings))
+            if rid is None:
+                raise RuntimeError("the batch generation loop has stopped")
+            self.runs[rid] = run
+        job.on_cancel(lambda: self._cancel(rid))
+
+    def waiting(self):
+        with self.lock:
+            return sum(not run.started for run in self.runs.values())
+
+    def _cancel(self, rid):
+        self.manager.cancel_request(rid)
+        self._end(rid, None, cancelled=True)
+
+    def _dispatch(self):
+        while not self.closed:
+            out = self.manager.get_result(timeout=0.5)
+            if out is None:
+                if not self.manager.is_running():
+                    self._fail_all(RuntimeError("the batch generation loop stopped"))
+                    time.sleep(0.5)
+                continue
+            with self.lock:
+                run = self.runs.get(out.request_id)
+            if run is None:   # ended already (cancelled, or cut by a stop string)
+                continue
+            try:
+                self._advance(out.request_id, run, out)
+            except Exception as e:   # never let the dispatcher die
+                self._end(out.request_id, None, error=e)
+
+    def _advance(self, rid, run, out):
+        run.started = True
+        if out.error is not None:
+            self._end(rid, None, error=RuntimeError(out.error))
+            return
+        run.generated = list(out.generated_tokens)
+        text = self.tokenizer.decode(run.generated, skip_special_tokens=False)
+        piece = chat.next_piece(text, run.streamed)
+        run.streamed += piece
+        sent = run.stopper.feed(piece) if piece else ""
+        if sent:
+            run.job.emit("text", sent)
+        if run.stopper.hit or config.END_MARKER in text or out.is_finished():
+            if not out.is_finished():
+                self.manager.cancel_request(rid)
+            self._end(rid, text)
+
+    def _end(self, rid, text, cancelled=False, error=None):
+        with self.lock:
+            run = self.runs.pop(rid, None)
+        if run is None:
+            return
+        job = run.job
+        if error is not None:
+            self.on_end(job, "failed")   # counted first: a client that sees the end sees it in /health
+            job.emit("error", error)
+            return
+        if text is None:
+            text = self.tokenizer.decode(run.generated, skip_special_tokens=False)
+        if not run.stopper.hit and not cancelled:
+            job_tail(job, run.stopper, run.streamed, chat.clean_response(text))
+        reason = "stop" if run.stopper.hit else chat.finish_reason(text, run.generated, self.eos, run.max_new_tokens,
+                                                                    cancelled)
+        self.on_end(job, "cancelled" if reason == "cancelled" else "finished")
+        job.emit("done", Outcome(reason, len(job.prepared.input_ids), len(run.generated)))
+
+    def _fail_all(self, error):
+        with self.lock:
+            rids = list(self.runs)
+        for rid in rids:
+            self._end(rid, None, error=error)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The model to one thread: the batch waits (its requests keep their cache) until the block ends."""
+        with self.manager.pause():
+            yield
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.manager.stop(block=True, timeout=10, hard_stop=True)
 
 
 class Engine:
-    """Runs queued Jobs one at a time in a worker thread, in arrival order."""
+    """Runs Jobs: in the batch when the model and the request allow it, else one at a time in a worker
+    thread (in arrival order, the batch paused meanwhile)."""
 
-    def __init__(self, model, tokenizer, max_waiting):
-        self.model, self.tokenizer, self.max_waiting = model, tokenizer, max_waiting
+    def __init__(self, model, tokenizer, max_waiting, notice=note):
+        self.tokenizer, self.max_waiting = tokenizer, max_waiting
+        self.model, refusal = batchable_model(model, notice)
+        self.batcher = None
+        if refusal is None:
+            self.batcher = Batcher(self.model, tokenizer, self._ended, batch_sizes(self.model))
+        else:
+            notice(f"serving one request at a time: {refusal}")
+        self.slots = self.batcher.slots if self.batcher else 1
         self.jobs = queue.Queue()
         self.state = threading.Lock()
-        self.waiting, self.busy = 0, False
+        self.pending, self.queued, self.busy = 0, 0, False   # accepted and not ended; waiting for the worker
+        self.seconds = None                                  # mean seconds a request takes (moving average)
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         threading.Thread(target=self._work, name="cutegpt-generation", daemon=True).start()
 
+    def retry_after(self):
+        """Seconds a refused client should wait: about one request's time (at least config's minimum)."""
+        return max(int(config.SERVER["retry_after_min_s"]), math.ceil(self.seconds or 0))
+
     def check_room(self):
         with self.state:
-            if self.waiting >= self.max_waiting:
-                raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; retry later",
-                               code="server_busy")
+            if self.pending >= self.slots + self.max_waiting:
+                waiting = self.pending - self.slots
+                raise ApiError(429, f"the server is busy: {self.slots} requests are being answered and {waiting} "
+                                    f"are waiting; retry after {self.retry_after()} s", code="server_busy",
+                               retry_after=self.retry_after())
 
     def submit(self, job):
+        job.started = time.monotonic()
         with self.state:
-            self.waiting += 1
+            self.pending += 1
+        refusal = batch_refusal(job.request) if self.batcher else "no batching"
+        if refusal is None:
+            try:
+                self.batcher.add(job)
+                return
+            except Exception as e:
+                job.emit("error", e)
+                self._ended(job, "failed")
+                return
+        with self.state:
+            self.queued += 1
         self.jobs.put(job)
 
     def status(self):
         with self.state:
-            return {"waiting": self.waiting, "busy": self.busy, **self.counts}
+            waiting = self.queued + (self.batcher.waiting() if self.batcher else 0)
+            return {"waiting": waiting, "running": self.pending - waiting, "busy": self.pending > waiting,
+                    "batching": self.batcher is not None, **self.counts}
+
+    def close(self):
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _ended(self, job, key):
+        took = time.monotonic() - job.started
+        with self.state:
+            self.pending -= 1
+            self.counts[key] += 1
+            self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
 
     def _work(self):
         while True:
             job = self.jobs.get()
             with self.state:
-                self.waiting -= 1
-                self.busy = True
+                self.queued -= 1
             try:
-                outcome = self._generate(job)
-                key = "failed" if outcome is None else ("cancelled" if job.cancelled.is_set() else "finished")
+                with self.batcher.paused() if self.batcher else contextlib.nullcontext():
+                    outcome = self._generate(job)
+                key = "cancelled" if outcome.finish_reason == "cancelled" else "finished"
+                event = ("done", outcome)
             except BaseException as e:   # never let the worker die
-                job.emit("error", e)
-                key = "failed"
-            with self.state:
-                self.busy = False
-                self.counts[key] += 1
+                key, event = "failed", ("error", e)
+            self._ended(job, key)        # counted first: a client that sees the end sees it in /health
+            job.emit(*event)
 
     def _generate(self, job):
+        """The job's Outcome, its text sent as it comes (raises what the generation raised)."""
         if job.cancelled.is_set():   # the client left while waiting
-            job.emit("done", Outcome("cancelled", len(job.prepared.input_ids), 0))
             return Outcome("cancelled", len(job.prepared.input_ids), 0)
         if job.request.seed is not None:
             transformers.set_seed(job.request.seed)
         reply = chat.Reply(self.model, self.tokenizer, job.prepared, job.request.settings, job.prepared.query)
         job.attach(reply)
         stopper = StopText(job.request.stops)
-        try:
-            for piece in reply:
-                text = stopper.feed(piece)
-                if text:
-                    job.emit("text", text)
-                if stopper.hit:
-                    reply.cancel()
-                    break
-            result = reply.result()
-        except Exception as e:
-            job.emit("error", e)
-            return None
-        reason = "stop" if stopper.hit else result.finish_reason
-        outcome = Outcome(reason, result.prompt_tokens, result.new_tokens)
-        job.emit("done", outcome)
-        return outcome
+        streamed = ""
+        for piece in reply:
+            streamed += piece
+            text = stopper.feed(piece)
+            if text:
+                job.emit("text", text)
+            if stopper.hit:
+                reply.cancel()
+                break
+        result = reply.result()
+        if not stopper.hit:
+            job_tail(job, stopper, streamed, result.response)
+        return Outcome("stop" if stopper.hit else result.finish_reason, result.prompt_tokens, result.new_tokens)

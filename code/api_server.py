@@ -23,13 +23,15 @@ The model flags are inference.py's (model_loader.add_model_arguments).  Chat mes
 CuteGPT prompt through prompt.split_messages and chat.build_prompt, the code inference.py and
 training use: a system message replaces the meta prompt, user/assistant pairs are the history.
 
-The wire format (errors, request fields, answer shapes) is in api_protocol.py, the queue in
-api_queue.py.  One generation runs at a time; other requests wait in a FIFO queue (at most
-config.SERVER['max_waiting'], beyond that 429).  A client that disconnects gives up its place in
-the queue, or stops its generation at the next token.  Defaults: config.SERVER and config.GENERATION.
+The wire format (errors, request fields, answer shapes) is in api_protocol.py, the engine in
+api_queue.py.  Concurrent requests are generated together (transformers' continuous batching, sized
+by config.SERVER['batching']); beyond those, at most config.SERVER['max_waiting'] wait, more get 429
+with Retry-After.  A client that disconnects gives up its place, or stops its generation before the
+next step.  Defaults: config.SERVER and config.GENERATION.
 """
 import argparse
 import asyncio
+import contextlib
 import copy
 import hmac
 import ipaddress
@@ -256,7 +258,7 @@ def decode_all(tokenizer, id_lists):
 # the app: errors in OpenAI's shape, and the routes
 # ----------------------------------------------------------------------------------------------
 async def api_error(request, error):
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 async def http_error(request, error):
@@ -275,7 +277,13 @@ def create_app(model, tokenizer, model_name=config.SERVER["model_name"], api_key
     """The FastAPI app serving ``model``.  ``defaults``: chat.generation_settings for fields a
     request leaves out (config.GENERATION when None)."""
     endpoints = Endpoints(model, tokenizer, model_name, api_key, memory_limit, defaults, max_waiting, poll_s)
-    app = FastAPI(title="CuteGPT API", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        endpoints.engine.close()   # the batch's generation thread ends with the server
+
+    app = FastAPI(title="CuteGPT API", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = endpoints.engine
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -368,7 +376,10 @@ def main(argv=None):
         data_io.fail(str(e))
     print(f"CuteGPT API: http://{args.host}:{args.port}/v1 (model {args.model_name!r}"
           f"{', API key required' if args.api_key else ''}); Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        app.state.engine.close()
 
 
 if __name__ == "__main__":

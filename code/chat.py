@@ -221,6 +221,30 @@ def _held_back(text):
     return hold + (len(rest) - len(rest.rstrip()))
 
 
+def next_piece(text, streamed):
+    """The text to stream next, given the whole decoded ``text`` generated so far and what was
+    ``streamed`` already: nothing once the end marker shows (the rest is sent at the end), nor an end
+    that may still grow into a marker, a whole character or trailing space; '<s>' / '</s>' removed."""
+    if config.END_MARKER in text:
+        return ""
+    safe = text[:len(text) - _held_back(text)]
+    for marker in STRIPPED_TEXTS:
+        safe = safe.replace(marker, "")
+    safe = safe.lstrip()
+    if safe.startswith(streamed) and len(safe) > len(streamed):
+        return safe[len(streamed):]
+    return ""
+
+
+def finish_reason(text, generated, eos_ids, max_new_tokens, cancelled):
+    """Why an answer ended: "stop" (end marker or an eos id), "length" (max_new_tokens) or "cancelled"."""
+    if cancelled and config.END_MARKER not in text:
+        return "cancelled"
+    if config.END_MARKER in text or (generated and generated[-1] in eos_ids):
+        return "stop"
+    return "length" if len(generated) >= max_new_tokens else "stop"
+
+
 def stop_token_ids(tokenizer):
     """Token ids that end an answer: eos, '<s>' (the seed's stop token) and the end marker when
     it is one token."""
@@ -314,16 +338,10 @@ class Reply:
 
     def _on_tokens(self, ids):
         self._generated.extend(ids)
-        text = self.tokenizer.decode(self._generated, skip_special_tokens=False)
-        if config.END_MARKER in text:
-            return  # the rest is sent once generation ended
-        safe = text[:len(text) - _held_back(text)]
-        for marker in STRIPPED_TEXTS:
-            safe = safe.replace(marker, "")
-        safe = safe.lstrip()
-        if safe.startswith(self._streamed) and len(safe) > len(self._streamed):
-            self._pieces.put(safe[len(self._streamed):])
-            self._streamed = safe
+        piece = next_piece(self.tokenizer.decode(self._generated, skip_special_tokens=False), self._streamed)
+        if piece:
+            self._pieces.put(piece)
+            self._streamed += piece
 
     # -- consumer side -------------------------------------------------------------------------
     def __iter__(self):
@@ -348,12 +366,7 @@ class Reply:
             raise self._error
         if self._result is None:
             text = self.tokenizer.decode(self._generated, skip_special_tokens=False)
-            if self.cancelled.is_set() and config.END_MARKER not in text:
-                reason = "cancelled"
-            elif config.END_MARKER in text or (self._generated and self._generated[-1] in self._eos):
-                reason = "stop"
-            else:
-                reason = "length" if len(self._generated) >= self._max_new_tokens else "stop"
+            reason = finish_reason(text, self._generated, self._eos, self._max_new_tokens, self.cancelled.is_set())
             p = self.prepared
             self._result = TurnResult(self.query, clean_response(text), p.history_used, len(p.input_ids),
                                       len(self._generated), reason, p.query_truncated, list(p.notices))

@@ -189,9 +189,25 @@ SERVER = {
     # answers one request may ask for (n x the prompts of /v1/completions; OpenAI allows up to 128):
     # each is a whole generation in the queue, so one request must not fill it (max_waiting)
     "max_choices": 16,
-    # one generation runs at a time, the others wait in a FIFO queue; beyond this many waiting, new
-    # requests get 429 (OpenAI clients retry those)
+    # requests beyond those being generated wait in arrival order; beyond this many waiting, new
+    # requests get 429 with a Retry-After header (OpenAI clients retry those)
     "max_waiting": 64,
+    # Concurrent requests are generated together by transformers' continuous batching: one paged KV
+    # cache for all requests, one forward pass per step for every running request (api_queue.py).
+    # Its own sizing assumes a GPU and was slower than no batching on a CPU; these sizes suit a CPU
+    # (BENCHMARKS.md has the figures).  The cache holds num_blocks x page_size = 4096 tokens: two whole contexts
+    # of 2048 (a request can take one: it must fit, api_queue checks), or 16 requests of 256.  Per token
+    # it costs 2 (K, V) x layers x hidden x 4 bytes in fp32: 2 KB for the toy model (8 MB in all),
+    # 1.6 MB at 13B (6.7 GB: a 13B on a CPU is slow anyway).  max_batch_tokens caps the tokens of one
+    # forward pass (prompt chunks + one per decoding request): on a CPU a longer pass is no faster per
+    # token, and prompts longer than it are prefilled in pieces between decoding steps.
+    "batching": {"page_size": 64, "num_blocks": 64, "max_batch_tokens": 512, "max_requests_per_batch": 16},
+    # On a CUDA GPU: None lets transformers size the cache and the batch from the free GPU memory (it
+    # takes up to ~80-90% of it); more requests per batch keep the GPU busy (13B in bf16 on one 80 GB
+    # card: ~40 GB of cache = ~50k tokens, e.g. 64 requests of 800).
+    "batching_gpu": {"page_size": 256, "num_blocks": None, "max_batch_tokens": None, "max_requests_per_batch": 64},
+    # a 429's Retry-After: the mean seconds a request has taken lately (at least this many)
+    "retry_after_min_s": 1,
     "disconnect_poll_s": 0.5,      # how often a waiting or streaming request checks its client is there
 }
 

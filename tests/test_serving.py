@@ -4,12 +4,13 @@ The API server runs as `python code/api_server.py --demo --api_key KEY` (the REA
 free port of 127.0.0.1) and is spoken to with the official openai client: chat completions (one
 turn, several turns, a system message) whose answers and token counts are checked against the same
 model run in this process, streaming, /v1/completions, the models list, sampling settings, stop
-strings, the error cases, and 16 concurrent requests that must each get their solo answer.  A
-second, in-process server with a slowed-down model shows that a client that disconnects frees its
-place.  The web demo runs as `python code/web_demo.py --demo` and is driven in headless Chromium
+strings, the error cases, 16 concurrent requests that must each get their solo answer, a burst of
+200 requests (answered or 429) and bench/bench_serve.py against it.  tests/test_serving_batch.py
+checks the batching in-process.  The web demo runs as `python code/web_demo.py --demo` and is driven in headless Chromium
 (selenium + Debian's chromium-driver); its screenshot goes to tests/artifacts/web_demo.png.
 """
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import pytest
 from conftest import CANNED_ANSWERS, REPO, demo_command, run_script
 
 import api_protocol
+import api_queue
 import api_server
 import chat
 import config
@@ -381,6 +383,58 @@ def test_16_concurrent_requests_get_their_solo_answers(api, client, demo_data):
     assert run(requests[0]) == alone[0]    # and it keeps serving
 
 
+def server_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_burst_of_200_requests_is_answered_or_refused(api):
+    """200 requests at once, twice: each is answered (200) or refused (429 + Retry-After), none fails or
+    hangs, and the second burst leaves the server's memory where the first did."""
+    import asyncio
+
+    base, server = api
+    body = {"messages": [{"role": "user", "content": QUERY}], "max_tokens": 16}
+
+    async def burst():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=300,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as session:
+            return await asyncio.gather(*[session.post(base + "/v1/chat/completions", json=body)
+                                          for _ in range(200)])
+
+    sizes = []
+    for _ in range(2):
+        answers = asyncio.run(burst())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 429}, sorted(set(codes))
+        capacity = config.SERVER["batching"]["max_requests_per_batch"] + config.SERVER["max_waiting"]
+        assert codes.count(200) >= capacity and codes.count(429) > 0, (codes.count(200), codes.count(429))
+        assert all(CANNED_ANSWERS[0].startswith(a.json()["choices"][0]["message"]["content"])
+                   for a in answers if a.status_code == 200)
+        assert all(int(a.headers["Retry-After"]) >= 1 for a in answers if a.status_code == 429)
+        sizes.append(server_rss_mb(server.proc.pid))
+        print(f"burst: {codes.count(200)} answered, {codes.count(429)} refused; server RSS {sizes[-1]:.0f} MB")
+    assert sizes[1] - sizes[0] < 100, sizes
+    health = httpx.get(base + "/health").json()
+    assert health["waiting"] == 0 and health["running"] == 0 and health["failed"] == 0
+
+
+def test_bench_serve_measures_a_running_server(api, tmp_path):
+    out = tmp_path / "serve.json"
+    proc = run_script(["bench/bench_serve.py", "--url", api[0], "--api_key", KEY, "--clients", "1,3",
+                       "--requests_per_client", "2", "--max_tokens", "8", "--json", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["clients"] for r in report["rows"]] == [1, 3] and [r["requests"] for r in report["rows"]] == [2, 6]
+    for row in report["rows"]:
+        assert 0 < row["tokens"] <= 8 * row["requests"] and row["tok_per_s"] > 0
+        assert 0 < row["ttft_median_s"] <= row["p50_s"] <= row["p95_s"]
+        assert f"| {row['clients']} | {row['requests']} | {row['tok_per_s']} |" in proc.stdout
+    assert f"ratio 3 clients / 1 client: {report['ratio']:.2f}x" in proc.stdout
+    assert run_script(["bench/bench_serve.py", "--clients", "0"]).returncode == 2
+
+
 @pytest.mark.slow
 def test_cli_errors(model_dir, tmp_path):
     proc = run_script(["code/api_server.py", "--demo", "--model_path", model_dir])
@@ -399,97 +453,42 @@ def test_cli_errors(model_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# a client that goes away frees its place (in-process server, slowed-down model)
-# --------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_client_that_disconnects_frees_its_slot(loaded, monkeypatch):
-    import uvicorn
-
-    delay = 0.3
-    on_tokens = chat.Reply._on_tokens
-
-    def slow(self, ids):   # a slow model: 0.3 s per token, so that the canned answer takes ~12 s
-        time.sleep(delay)
-        on_tokens(self, ids)
-
-    monkeypatch.setattr(chat.Reply, "_on_tokens", slow)
-    model, tokenizer = loaded
-    app = api_server.create_app(model, tokenizer, defaults=chat.default_settings(demo=True), poll_s=0.1)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    engine = app.state.engine
-    try:
-        deadline = time.time() + 30
-        while not server.started:
-            assert time.time() < deadline
-            time.sleep(0.05)
-        body = {"messages": [{"role": "user", "content": QUERY}], "stream": True}   # no key: none was set
-        full_tokens = solo(loaded, [], QUERY).new_tokens
-        assert full_tokens * delay > 8   # (39 tokens)
-
-        # a request waiting in the queue behind a long stream whose client gives up: never generated
-        with httpx.Client(timeout=60) as first:
-            with first.stream("POST", base + "/v1/chat/completions", json=body) as stream:
-                lines = (line for line in stream.iter_lines() if line)   # events, without the blank lines
-                assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
-                started = time.time()
-                with pytest.raises(httpx.ReadTimeout):
-                    httpx.post(base + "/v1/chat/completions", json=dict(body, stream=False), timeout=1.0)
-                assert engine.status()["waiting"] == 1
-                text = json.loads(next(lines)[6:])["choices"][0]["delta"]["content"]
-                assert CANNED_ANSWERS[0].startswith(text)
-            # the streaming client closed its connection: the generation stops, the waiting one is dropped
-        deadline = time.time() + 10
-        while engine.status() != {"waiting": 0, "busy": False, "finished": 0, "cancelled": 2, "failed": 0}:
-            assert time.time() < deadline, engine.status()
-            time.sleep(0.05)
-        freed = time.time() - started
-        # the slot is free well before the long answer would have ended: a new request finishes promptly
-        answer = httpx.post(base + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=3), timeout=30)
-        done = time.time() - started
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
-        assert done < full_tokens * delay / 2, (freed, done)
-        print(f"slot freed {freed:.1f}s after the stream started; a new answer came {done:.1f}s after "
-              f"(the whole answer takes {full_tokens * delay:.0f}s)")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-# --------------------------------------------------------------------------------------------------
 # the web demo in a headless browser
 # --------------------------------------------------------------------------------------------------
 SLOW_TOKENS = """
 import time
-import chat
-_on_tokens = chat.Reply._on_tokens
-def slow(self, ids):            # {delay}s per token, so that the page shows the answer growing
+import api_queue
+_advance = api_queue.Batcher._advance
+def slow(self, rid, run, out):   # {delay}s per token handed to the page, so that it shows the answer growing
     time.sleep({delay})
-    _on_tokens(self, ids)
-chat.Reply._on_tokens = slow
+    _advance(self, rid, run, out)
+api_queue.Batcher._advance = slow
 """
 
 
 def test_web_demo_handler_streams_the_answer_chat_gives(loaded):
-    """The page's answer handler (no browser): the question box is emptied, the answer grows piece by piece
-    and ends as the answer chat gives; the next question carries the history."""
+    """The page's answer handler (no browser), through the API server's engine (batched): the question box is
+    emptied, the answer grows piece by piece and ends as the answer chat gives; the next question carries the
+    history."""
     model, tokenizer = loaded
-    respond = web_demo.responder(model, tokenizer, chat.default_settings(demo=True), chat.context_length_of(model))
-    controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
-    # the handler updates one history list in place: each update is copied as it comes
-    updates = [(box, [dict(m) for m in history]) for box, history in respond(config.CANNED_QUERIES[0], [], *controls)]
-    assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
-                               {"role": "assistant", "content": ""}])
-    answers = [history[-1]["content"] for _, history in updates[1:]]
-    assert len(answers) > 3 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
-    assert answers[-1] == solo(loaded, [], config.CANNED_QUERIES[0]).response == CANNED_ANSWERS[0]
-    history = updates[-1][1]
-    second = list(respond(config.CANNED_QUERIES[1], history, *controls))[-1][1]
-    assert second[-1]["content"] == solo(loaded, [(config.CANNED_QUERIES[0], CANNED_ANSWERS[0])],
-                                         config.CANNED_QUERIES[1]).response == CANNED_ANSWERS[1]
+    with contextlib.closing(api_queue.Engine(model, tokenizer, 4)) as engine:   # its batch thread ends here
+        assert engine.status()["batching"]
+        respond = web_demo.responder(engine, tokenizer, chat.default_settings(demo=True),
+                                     chat.context_length_of(model))
+        controls = ("", 0, 0.8, 50, 1.0, 256, config.MEMORY_LIMIT)       # system, temperature 0 = greedy, ...
+        # the handler updates one history list in place: each update is copied as it comes
+        updates = [(box, [dict(m) for m in history])
+                   for box, history in respond(config.CANNED_QUERIES[0], [], *controls)]
+        assert updates[0] == ("", [{"role": "user", "content": config.CANNED_QUERIES[0]},
+                                   {"role": "assistant", "content": ""}])
+        answers = [history[-1]["content"] for _, history in updates[1:]]
+        assert len(answers) > 3 and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+        assert answers[-1] == solo(loaded, [], config.CANNED_QUERIES[0]).response == CANNED_ANSWERS[0]
+        history = updates[-1][1]
+        second = list(respond(config.CANNED_QUERIES[1], history, *controls))[-1][1]
+        assert second[-1]["content"] == solo(loaded, [(config.CANNED_QUERIES[0], CANNED_ANSWERS[0])],
+                                             config.CANNED_QUERIES[1]).response == CANNED_ANSWERS[1]
+        assert engine.status()["finished"] == 2
 
 
 @pytest.fixture(scope="module")

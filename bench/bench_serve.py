@@ -1,0 +1,169 @@
+"""Serving throughput of the API server under concurrent clients: it starts `code/api_server.py --demo`
+(the offline toy model; built and cached the first time) on a free port, or measures a running server
+(--url), and for each number of clients prints aggregate tokens/s, p50/p95 latency, median time to the
+first token, and the throughput of the most clients over one client.
+
+    # the toy model on this machine: 1, 4 and 16 clients, each sending 4 requests back to back
+    python bench/bench_serve.py
+
+    # a server already running (e.g. the 13B shape on a GPU), 1, 16 and 64 clients
+    python bench/bench_serve.py --url http://127.0.0.1:8000 --clients 1,16,64 --json serve.json
+
+Every request is a streamed chat completion (temperature 0, --max_tokens, usage included) of a question
+from the sample dialogues, the clients cycling through them.  Latency: request sent to the last event;
+time to first token: to the first content chunk; tokens: the completion tokens the server reports (the
+toy model stops at its end marker, so answers may be shorter than --max_tokens).  Aggregate tokens/s =
+all completion tokens / wall time of the round.  The machine's load average is printed with the
+figures: on a shared machine they are only as good as the quiet it had.
+"""
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "code"))
+
+import config  # noqa: E402
+import data_io  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None, help="measure this running server (http://HOST:PORT) instead of "
+                                               "starting code/api_server.py --demo")
+    p.add_argument("--api_key", default=None, help="the server's --api_key, if it has one")
+    p.add_argument("--server_args", default="", help="more flags for the started server, e.g. '--demo_dir DIR'")
+    p.add_argument("--clients", default="1,4,16", help="numbers of concurrent clients (default: %(default)s)")
+    p.add_argument("--requests_per_client", type=int, default=4, help="requests each client sends back to "
+                                                                      "back (default: %(default)s)")
+    p.add_argument("--max_tokens", type=int, default=64, help="max_tokens of each request (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        p.error(f"--clients {args.clients}: give numbers separated by commas, e.g. 1,4,16")
+    if not args.clients or min(args.clients) < 1:
+        p.error("--clients: every number must be 1 or more")
+    if args.requests_per_client < 1 or args.max_tokens < 1:
+        p.error("--requests_per_client and --max_tokens must be 1 or more")
+    return args
+
+
+def questions():
+    dialogues = data_io.load_dialogues(os.path.join(REPO, config.DEMO["data"]))
+    return [dialogue[0]["instruction"] for dialogue in dialogues]
+
+
+def start_server(server_args):
+    """`python code/api_server.py --demo` on a free port; (process, base url)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "code/api_server.py", "--demo", "--port", str(port)] + shlex.split(server_args)
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 1800   # the first --demo builds the toy model
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise data_io.DataError(f"code/api_server.py --demo exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise data_io.DataError("code/api_server.py --demo did not come up within 30 minutes")
+
+
+async def one_request(session, url, question, max_tokens):
+    """(latency s, time to first token s, completion tokens) of one streamed chat completion."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with session.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise data_io.DataError(f"the server answered {response.status_code}: {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise data_io.DataError(f"the server failed: {chunk['error']}")
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return time.perf_counter() - start, first if first is not None else float("nan"), tokens
+
+
+async def round_of(base, api_key, clients, per_client, max_tokens, asked):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, headers=headers, limits=limits) as session:
+        async def client(index):
+            return [await one_request(session, base + "/v1/chat/completions",
+                                      asked[(index * per_client + k) % len(asked)], max_tokens)
+                    for k in range(per_client)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[client(i) for i in range(clients)]) for r in rs]
+        wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": sum(r[2] for r in results),
+            "wall_s": round(wall, 3), "tok_per_s": round(sum(r[2] for r in results) / wall, 1),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "ttft_median_s": round(statistics.median(r[1] for r in results), 3)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    proc = None
+    try:
+        base = args.url.rstrip("/") if args.url else None
+        if base is None:
+            proc, base = start_server(args.server_args)
+        asked = questions()
+        asyncio.run(round_of(base, args.api_key, 2, 1, 8, asked))   # warm-up, not counted
+        rows = []
+        print("| clients | requests | aggregate tok/s | p50 latency | p95 latency | median TTFT | load avg |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for clients in args.clients:
+            row = asyncio.run(round_of(base, args.api_key, clients, args.requests_per_client, args.max_tokens, asked))
+            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            rows.append(row)
+            print(f"| {clients} | {row['requests']} | {row['tok_per_s']} | {row['p50_s']} s | {row['p95_s']} s | "
+                  f"{row['ttft_median_s']} s | {row['load_avg_1m']} |", flush=True)
+        most = max(rows, key=lambda r: r["clients"])
+        one = min(rows, key=lambda r: r["clients"])
+        ratio = most["tok_per_s"] / one["tok_per_s"]
+        print(f"ratio {most['clients']} clients / {one['clients']} client: {ratio:.2f}x aggregate tok/s "
+              f"({os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f})")
+        if args.json:
+            data_io.atomic_write_json(args.json, {"rows": rows, "ratio": round(ratio, 2), "url": base,
+                                                  "max_tokens": args.max_tokens, "cpus": os.cpu_count()})
+    except (data_io.DataError, httpx.HTTPError) as e:
+        data_io.fail(str(e))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
