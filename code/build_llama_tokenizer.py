@@ -32,6 +32,7 @@ import tempfile
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+import build_tiny_model
 import config
 import data_io
 from data_io import DataError
@@ -182,6 +183,7 @@ def build(out):
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(value, f, ensure_ascii=False, indent=1)
                 f.write("\n")
+        build_tiny_model.make_readable(tmp)
     return out
 
 
