@@ -178,7 +178,7 @@ def converted_samples(directory, tmp_path, dialogues, special_end_token):
     data_file = tmp_path / "dialogues.json"
     data_file.write_text(json.dumps(dialogues, ensure_ascii=False), encoding="utf-8")
     argv = ["--tokenizer", directory, "--data_file", str(data_file), "--out_data_path", str(tmp_path),
-            "--max_length", "8192", "--template", config.INFERENCE_TEMPLATE, "--max_dialogues_per_sample", "1"]
+            "--max_length", "16384", "--template", config.INFERENCE_TEMPLATE, "--max_dialogues_per_sample", "1"]
     result = convert_data.convert(convert_data.parse_args(argv + (["--special_end_token"] if special_end_token else [])),
                                   show_progress=False)
     samples = []
@@ -254,3 +254,24 @@ def test_fingerprint_changes_with_the_encoding(variants, tmp_path):
         dataset.check_ids_file(datas, llama, 64, "data.pkl")
     datas["meta"]["tokenizer"] = dict(name="llama", **dataset.tokenizer_fingerprint(same))
     dataset.check_ids_file(datas, llama, 64, "data.pkl")
+
+
+@pytest.mark.slow
+def test_finetune_refuses_data_of_a_tokenizer_that_encodes_differently(tiny_model_dir, tmp_path):
+    """Same vocabulary size, one piece's score changed: the ids file converted with it is refused by
+    finetune.py with one message, before any training."""
+    other = tmp_path / "other_tokenizer"
+    other.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_model_dir, name), other)
+    proto = sp_convert.read_proto(str(other / "tokenizer.model"))
+    normal = [p for p in proto.pieces if p.type == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL]
+    normal[0].score, normal[-1].score = normal[-1].score, normal[0].score   # the first merge now comes last
+    (other / "tokenizer.model").write_bytes(proto.SerializeToString())
+    run_script(["code/convert_data.py", "--tokenizer", str(other), "--data_file", SAMPLE_PKL, "--max_length", "256",
+                "--out_data_path", str(tmp_path), "--template", "zh"], check=True)
+    proc = run_script(["code/finetune.py", "--use_lora", "--model_path", tiny_model_dir, "--data_path",
+                       str(tmp_path / "llama_ift_data_ids.pkl"), "--max_length", "256", "--save_dir", str(tmp_path / "ckp")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "encodes differently" in proc.stderr and "convert_data.py" in proc.stderr
+    assert not (tmp_path / "ckp").exists() or not any((tmp_path / "ckp").rglob("*.safetensors"))
