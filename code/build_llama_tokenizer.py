@@ -136,16 +136,17 @@ def llama_proto(pieces, scores, types):
 
 
 def read_vocab_tests(inp_path, out_path):
-    """[{'text', 'ids'}] of llama.cpp's test vectors (texts split by the test separator)."""
+    """[{'text', 'ids'}] of llama.cpp's test vectors: each .inp text ends with the test separator, each
+    .out line holds the ids of one text."""
     with open(inp_path, encoding="utf-8") as f:
         texts = f.read().split(VOCAB_TEST_SEPARATOR)
+    if texts and texts[-1] == "":
+        texts.pop()
     with open(out_path, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    texts = [t for t in texts]
-    if texts and texts[-1].endswith("\n__ggml_vocab_test__"):
-        texts[-1] = texts[-1][:-len("\n__ggml_vocab_test__")]
-    ids = [[int(x) for x in line.split()] for line in lines[:len(texts)]]
-    return [{"text": text, "ids": row} for text, row in zip(texts, ids)]
+    if len(lines) < len(texts):
+        raise DataError(f"{os.path.basename(out_path)}: {len(lines)} lines of ids for {len(texts)} test texts")
+    return [{"text": text, "ids": [int(x) for x in line.split()]} for text, line in zip(texts, lines)]
 
 
 def check_model(data, tests):

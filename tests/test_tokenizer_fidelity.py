@@ -275,3 +275,21 @@ def test_finetune_refuses_data_of_a_tokenizer_that_encodes_differently(tiny_mode
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "encodes differently" in proc.stderr and "convert_data.py" in proc.stderr
     assert not (tmp_path / "ckp").exists() or not any((tmp_path / "ckp").rglob("*.safetensors"))
+
+
+def test_the_rebuilt_file_is_checked(llama_tokenizer_dir):
+    """The builder accepts only Meta's bytes, and only if SentencePiece reproduces llama.cpp's vectors."""
+    import hashlib
+
+    import build_llama_tokenizer
+
+    data = open(os.path.join(llama_tokenizer_dir, "tokenizer.model"), "rb").read()
+    assert hashlib.md5(data).hexdigest() == config.LLAMA_TOKENIZER["md5"]
+    with open(os.path.join(llama_tokenizer_dir, "vocab_tests.json"), encoding="utf-8") as f:
+        tests = json.load(f)
+    build_llama_tokenizer.check_model(data, tests)
+    with pytest.raises(data_io.DataError, match="md5"):
+        build_llama_tokenizer.check_model(data[:-1] + b"\x00", tests)
+    wrong = [dict(tests[0], ids=tests[0]["ids"][::-1] + [5])] + tests[1:]
+    with pytest.raises(data_io.DataError, match="1 of 46"):
+        build_llama_tokenizer.check_model(data, wrong)
