@@ -21,7 +21,7 @@ every vocabulary, so ``disagreements`` checks a converted tokenizer against Sent
 ``probe_texts`` (whitespace runs, digits, emoji, prompt markers ...), and the loader refuses one that
 differs.
 
-Public functions: load_llama_tokenizer (what the loader calls), read_proto, backend_from_proto, backend_json,
+Public functions: load_llama_tokenizer (what the loader calls), read_proto, backend_from_proto, added_tokens,
 probe_texts, disagreements, describe, agreement_report.
 """
 import json
@@ -110,11 +110,6 @@ def backend_from_proto(proto):
     specials = [p.piece for p in proto.pieces if p.type in (Piece.UNKNOWN, Piece.CONTROL)]
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return backend
-
-
-def backend_json(proto):
-    """tokenizer.json text for ``proto`` (what extend_vocab.py writes)."""
-    return json.dumps(json.loads(backend_from_proto(proto).to_str()), ensure_ascii=False, indent=1) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
