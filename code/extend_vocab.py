@@ -22,7 +22,8 @@ base piece (LLaMA's '▁▁' at -1e9), so every base merge keeps its priority an
 The result is a Hugging Face tokenizer directory: tokenizer.model, tokenizer_config.json, and a
 tokenizer.json built from tokenizer.model by sp_convert (SentencePiece's merge order and dummy prefix),
 checked to give SentencePiece's ids and to decode back to the text, both through the project's loader
-and as plain tokenizer.json, on probe texts and the held-out lines; the report states both checks.
+and through AutoTokenizer (tokenizer_config.json names the plain fast class, which reads tokenizer.json
+as it is), on probe texts and the held-out lines; the report states both checks.
 The base must not have tokens added on top of its SentencePiece model (e.g. '<end>' after full
 fine-tuning): their ids would collide with the appended pieces; extend before adding them.
 
@@ -42,7 +43,7 @@ import numpy
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import build_tiny_model
 import config
@@ -250,17 +251,15 @@ def check_new_scores(proto, old_size):
 
 
 def write_tokenizer_json(directory, check_texts):
-    """Write DIR/tokenizer.json built from DIR/tokenizer.model (sp_convert) and check that what it says
-    agrees with tokenizer.model under SentencePiece, loaded both ways: by the project's loader and as the
-    plain tokenizer.json other programs read.  Returns the agreement for the report."""
+    """Write DIR/tokenizer.json (and tokenizer_config.json) built from DIR/tokenizer.model by sp_convert, and
+    check that they agree with tokenizer.model under SentencePiece, loaded both ways: by the project's loader
+    and through AutoTokenizer, as other programs read them.  Returns the agreement for the report."""
     tokenizer = model_loader.load_tokenizer(directory, "--out")   # refuses a disagreeing conversion
-    path = os.path.join(directory, "tokenizer.json")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(tokenizer.backend_tokenizer.to_str(pretty=True))
+    tokenizer.save_pretrained(directory)
     model_file = os.path.join(directory, "tokenizer.model")
-    plain = PreTrainedTokenizerFast(tokenizer_file=path, split_special_tokens=True, clean_up_tokenization_spaces=False)
+    plain = AutoTokenizer.from_pretrained(directory)
     agreement = {"loader": sp_convert.agreement_report(tokenizer, model_file, check_texts),
-                 "tokenizer_json": sp_convert.agreement_report(plain, model_file, check_texts)}
+                 "auto_tokenizer": sp_convert.agreement_report(plain, model_file, check_texts)}
     for name, result in agreement.items():
         if result["first_difference"]:
             raise DataError(f"--out {directory}: the written tokenizer ({name}) differs from its tokenizer.model: "
@@ -404,9 +403,9 @@ def main(argv=None):
         gain = "no held-out text: tokens per character not measured (give --heldout_file or more corpus lines)"
     resized = "; embeddings resized" if r["model_resized"] else ""
     a, sc = r["agreement_with_tokenizer_model"], r["new_piece_scores"]
-    checked = (f"checked: the project's loader and tokenizer.json give tokenizer.model's ids and decode back on "
-               f"{a['loader']['agreeing']}/{a['loader']['probe_texts']} and {a['tokenizer_json']['agreeing']}/"
-               f"{a['tokenizer_json']['probe_texts']} probe texts (held-out lines included, each with and without "
+    checked = (f"checked: the project's loader and AutoTokenizer give tokenizer.model's ids and decode back on "
+               f"{a['loader']['agreeing']}/{a['loader']['probe_texts']} and {a['auto_tokenizer']['agreeing']}/"
+               f"{a['auto_tokenizer']['probe_texts']} probe texts (held-out lines included, each with and without "
                f"a leading space); new pieces' scores strictly decreasing from {sc['first_new_score']!r} to "
                f"{sc['last_new_score']!r}, below the lowest base score {sc['lowest_base_score']!r}")
     print(f"wrote {args.out} in {seconds:.1f}s: vocabulary {r['base_vocab_size']} + {r['added_pieces']} new pieces = "

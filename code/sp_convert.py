@@ -31,7 +31,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
-from transformers import LlamaTokenizer
+from transformers import PreTrainedTokenizerFast
 
 import config
 from data_io import DataError
@@ -244,13 +244,17 @@ def _settings(directory, proto):
                 kwargs[key] = proto.trainer_spec.bos_piece if key == "bos_token" else proto.trainer_spec.eos_piece
     kwargs.setdefault("add_bos_token", True)
     kwargs.setdefault("add_eos_token", False)
+    kwargs.setdefault("padding_side", "left")   # LlamaTokenizer's
     return kwargs
 
 
 def load_llama_tokenizer(directory, check_texts=()):
-    """The tokenizer of a directory holding tokenizer.model: a LlamaTokenizer whose pipeline is built from
-    the SentencePiece model (``backend_from_proto``) with the directory's added tokens ('<end>' after full
-    fine-tuning) and settings, checked against SentencePiece on ``probe_texts(check_texts)``.
+    """The tokenizer of a directory holding tokenizer.model: a PreTrainedTokenizerFast whose pipeline is built
+    from the SentencePiece model (``backend_from_proto``) with the directory's added tokens ('<end>' after
+    full fine-tuning) and settings, checked against SentencePiece on ``probe_texts(check_texts)``.  Not a
+    LlamaTokenizer: that class rebuilds its own pipeline (transformers' Metaspace) whenever it loads, so a
+    directory this tokenizer saves (tokenizer.json, and tokenizer_config.json naming the plain fast class)
+    loads through AutoTokenizer, in the project or in a serving engine, with exactly these ids.
 
     Text is encoded as text: '<s>', '</s>', '<end>' written in it are characters, never control ids
     (split_special_tokens; control tokens come from the prompt template, see prompt.py).  Raises
@@ -259,10 +263,9 @@ def load_llama_tokenizer(directory, check_texts=()):
     proto = read_proto(model_file)
     backend = backend_from_proto(proto)
     _add_tokens(backend, proto, directory)
-    tokenizer = LlamaTokenizer(tokenizer_object=backend, vocab_file=model_file, name_or_path=directory,
-                               add_prefix_space=proto.normalizer_spec.add_dummy_prefix, legacy=True,
-                               clean_up_tokenization_spaces=False, split_special_tokens=True,
-                               **_settings(directory, proto))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, vocab_file=model_file, name_or_path=directory,
+                                        clean_up_tokenization_spaces=False, split_special_tokens=True,
+                                        **_settings(directory, proto))
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     texts = probe_texts(check_texts)
     wrong = disagreements(lambda batch: tokenizer(batch, add_special_tokens=False)["input_ids"],

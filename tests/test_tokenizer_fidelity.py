@@ -153,7 +153,7 @@ def test_extend_vocab_on_the_real_vocabulary(variants, llama_tokenizer_dir):
     assert len(new) == report["added_pieces"] > 1000
     assert new[0] < lowest and all(a > b for a, b in zip(new, new[1:])) and len(set(new)) == len(new)
     assert report["new_piece_scores"]["last_new_score"] == new[-1]
-    for name in ("loader", "tokenizer_json"):
+    for name in ("loader", "auto_tokenizer"):
         agreement = report["agreement_with_tokenizer_model"][name]
         assert agreement["agreeing"] == agreement["probe_texts"] > 100 and agreement["first_difference"] is None
     # what other programs read: tokenizer.json alone
