@@ -49,7 +49,7 @@ def load_tokenizer(path, flag="--tokenizer"):
     """The tokenizer of a local directory or Hugging Face id.
 
     A directory holding tokenizer.model (LLaMA, CuteGPT: with or without tokenizer.json, extended by
-    extend_vocab.py, with '<end>' added by full fine-tuning) gives a LlamaTokenizer built from the
+    extend_vocab.py, with '<end>' added by full fine-tuning) gives a fast tokenizer built from the
     SentencePiece model itself, checked to encode exactly as SentencePiece and to decode back to the text
     (sp_convert.load_llama_tokenizer; transformers' own conversion differs on leading spaces and on
     appended pieces).  Other directories load through AutoTokenizer.  Either way text is encoded as text:
