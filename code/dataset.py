@@ -294,11 +294,11 @@ def encoding_digest(tokenizer):
     if encoder is not None:
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(encoder.processor.serialized_model_proto())
-        for piece in proto.pieces:
-            digest.update(f"{piece.piece}\x00{piece.score!r}\x00{piece.type}\x01".encode())
-        trainer = proto.trainer_spec
-        digest.update(proto.normalizer_spec.SerializeToString(deterministic=True))
-        digest.update(f"{trainer.model_type} {trainer.byte_fallback} {trainer.treat_whitespace_as_suffix}".encode())
+        trainer = proto.trainer_spec   # of the training settings, only those that change the encoding stay
+        kept = (trainer.model_type, trainer.byte_fallback, trainer.treat_whitespace_as_suffix)
+        proto.ClearField("trainer_spec")
+        proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback, proto.trainer_spec.treat_whitespace_as_suffix = kept
+        digest.update(proto.SerializeToString(deterministic=True))
     else:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         digest.update(backend.to_str().encode() if backend is not None else type(tokenizer).__name__.encode())

@@ -61,13 +61,16 @@ def _merges(proto, vocab):
     """[(left, right)] in the order SentencePiece BPE applies them (see the module docstring)."""
     ranked = []
     for index, piece in enumerate(proto.pieces):
-        if piece.type not in MERGEABLE or len(piece.piece) < 2:
-            continue
         text = piece.piece
+        if len(text) < 2 or piece.type not in MERGEABLE:
+            continue
+        score = -piece.score
         for cut in range(1, len(text)):
-            left, right = text[:cut], text[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-piece.score, index, cut, left, right))
+            left = text[:cut]
+            if left in vocab:
+                right = text[cut:]
+                if right in vocab:
+                    ranked.append((score, index, cut, left, right))
     ranked.sort()
     return [(left, right) for _, _, _, left, right in ranked]
 
