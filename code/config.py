@@ -256,6 +256,15 @@ EXTEND_VOCAB = {
     "text_field": "text",               # JSONL corpora: the field holding the text
 }
 
+# LLaMA's real tokenizer.model, rebuilt by code/build_llama_tokenizer.py from a public artefact (the tests
+# and the convert benchmark run on it): llama.cpp's vocabulary test file, vendored in this sdist (76 MB,
+# downloaded once per test run), holds LLaMA's pieces and scores; the md5 is that of Meta's file.
+LLAMA_TOKENIZER = {
+    "sdist": "llama-cpp-python==0.3.36",
+    "gguf_member": "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
+    "md5": "eeec4125e9c7560836b4873b6f8e3025",
+}
+
 # convert_data.py --mode pretrain (.txt: documents split by a blank line; .jsonl: one per line in
 # "text_field").  Chunks of --max_length overlap by one token, so each token after a document's first
 # is learned once; no BOS (CuteGPT's prompts start without one), eos closes each document.

@@ -13,12 +13,15 @@ FlexAttention) so no token attends across samples.
 The --dataset_type names map to classes through DATASET_TYPES (never eval).
 """
 import gc
+import hashlib
+import json
 import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from sentencepiece import sentencepiece_model_pb2
 from torch.utils.data import Dataset
 
 import config
@@ -27,8 +30,12 @@ from data_io import DataError
 from packing import IGNORE_INDEX, pack_samples, row_item
 
 IDS_FORMAT = "cutegpt-ids/1"
-# a fixed text whose ids fingerprint a tokenizer (recorded by convert_data, checked by training)
+# a fixed text whose ids fingerprint a tokenizer (recorded by convert_data, checked by training), and
+# texts whose encoding differs between tokenizers that differ (leading and repeated spaces, digits, a
+# written '<end>', an answer closed by the template's END_MARKER)
 TOKENIZER_PROBE = config.META_PROMPT + "问：Hello, 世界 123!\n答：" + config.END_MARKER
+FINGERPRINT_TEXTS = (" Hello  world\t\n", "def f():\n    return 1", "0.15 × 80 = 12.", "表情😀 \u3000全角",
+                     "<s> </s> <end> 字面", "今天天气很好，我们去复旦大学散步吧。")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,10 +285,37 @@ def pad_token_id_of(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def encoding_digest(tokenizer):
+    """sha256 of what decides how ``tokenizer`` encodes: its SentencePiece model's pieces, scores, types
+    and normalizer where the project encodes with SentencePiece (prompt.segment_encoder), else its
+    backend's pipeline; then its added tokens and the ids of FINGERPRINT_TEXTS and an answer segment."""
+    digest = hashlib.sha256()
+    encoder = prompt.segment_encoder(tokenizer)
+    if encoder is not None:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(encoder.processor.serialized_model_proto())
+        trainer = proto.trainer_spec   # of the training settings, only those that change the encoding stay
+        kept = (trainer.model_type, trainer.byte_fallback, trainer.treat_whitespace_as_suffix)
+        proto.ClearField("trainer_spec")
+        proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback, proto.trainer_spec.treat_whitespace_as_suffix = kept
+        digest.update(proto.SerializeToString(deterministic=True))
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        digest.update(backend.to_str().encode() if backend is not None else type(tokenizer).__name__.encode())
+    texts = list(FINGERPRINT_TEXTS) + [prompt.answer_text("答案 <end>")]
+    digest.update(json.dumps([sorted(tokenizer.get_added_vocab().items()),
+                              prompt.tokenize_segment_texts(tokenizer, texts)]).encode())
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer):
+    """What convert_data.py records of its tokenizer and check_ids_file compares: the vocabulary size, the
+    ids of TOKENIZER_PROBE (as the project encodes it: the END_MARKER closing it from the template) and the
+    encoding digest, which changes whenever the encoding would."""
     return {
         "vocab_size": len(tokenizer),
-        "probe_ids": tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"],
+        "probe_ids": prompt.tokenize_segment_texts(tokenizer, [prompt.AnswerText(TOKENIZER_PROBE)])[0],
+        "encoding_sha256": encoding_digest(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
     }
 
@@ -381,7 +415,7 @@ def check_ids_file(datas, tokenizer, max_length, source):
     if tokenizer is not None:
         mine = tokenizer_fingerprint(tokenizer)
         theirs = meta.get("tokenizer", {})
-        if theirs.get("vocab_size") != mine["vocab_size"] or theirs.get("probe_ids") != mine["probe_ids"]:
+        if any(theirs.get(key) != mine[key] for key in ("vocab_size", "probe_ids", "encoding_sha256")):
             hint = ""
             if theirs.get("vocab_size") == mine["vocab_size"] - 1 and meta.get("special_end_token") is False:
                 hint = (" (full fine-tuning adds '<end>' as a special token: convert with "
@@ -389,5 +423,5 @@ def check_ids_file(datas, tokenizer, max_length, source):
             elif theirs.get("vocab_size") == mine["vocab_size"] + 1 and meta.get("special_end_token"):
                 hint = " (this file has '<end>' as a special token, for full fine-tuning; drop --special_end_token for LoRA)"
             raise DataError(f"{source}: made with tokenizer {theirs.get('name')!r} "
-                            f"(vocabulary {theirs.get('vocab_size')}), which differs from this model's "
+                            f"(vocabulary {theirs.get('vocab_size')}), which encodes differently from this model's "
                             f"(vocabulary {mine['vocab_size']}){hint}; {redo}")

@@ -16,11 +16,16 @@ non-empty line (config.EXTEND_VOCAB["heldout_every"]) is held out of training an
 tokens per character before and after.
 
 The merge: the base tokenizer.model keeps every piece at its id; each piece of the new model that
-the base lacks (byte, control and unknown pieces aside) is appended with a score below every base
-score, in the new model's order, so every base merge keeps its priority over the new ones.  The result is a Hugging Face tokenizer directory (tokenizer.model, tokenizer.json,
-tokenizer_config.json) that SentencePiece, AutoTokenizer, LlamaTokenizer and PreTrainedTokenizerFast
-load alike.  The base must not have tokens added on top of its SentencePiece model (e.g. '<end>'
-after full fine-tuning): their ids would collide with the appended pieces; extend before adding them.
+the base lacks (byte, control and unknown pieces aside) is appended in the new model's order, with
+exact float32 scores, each the next float32 below the one before, starting below the lowest ordinary
+base piece (LLaMA's '▁▁' at -1e9), so every base merge keeps its priority and no two new pieces tie.
+The result is a Hugging Face tokenizer directory: tokenizer.model, tokenizer_config.json, and a
+tokenizer.json built from tokenizer.model by sp_convert (SentencePiece's merge order and dummy prefix),
+checked to give SentencePiece's ids and to decode back to the text, both through the project's loader
+and through AutoTokenizer (tokenizer_config.json names the plain fast class, which reads tokenizer.json
+as it is), on probe texts and the held-out lines; the report states both checks.
+The base must not have tokens added on top of its SentencePiece model (e.g. '<end>' after full
+fine-tuning): their ids would collide with the appended pieces; extend before adding them.
 
 With --model_path the model is loaded (in the dtype it was saved in), its input and output
 embeddings are resized to the new vocabulary and saved with the tokenizer in --out (safetensors).
@@ -34,6 +39,7 @@ import os
 import sys
 import time
 
+import numpy
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
@@ -44,6 +50,7 @@ import config
 import data_io
 import model_files
 import model_loader
+import sp_convert
 from data_io import DataError
 
 # the strings that must never become one piece (the end marker and LLaMA's special tokens)
@@ -193,23 +200,72 @@ def train_new_model(lines, base_proto, args):
     return proto
 
 
+def scores_below(score, count):
+    """``count`` float32 scores, each the next float32 below the one before, the first below ``score``:
+    exact in tokenizer.model (a float32 field) and strictly decreasing even at LLaMA's -1e9, where
+    float32 steps are 64 apart (``score - k`` would give many pieces one score)."""
+    scores, current = [], numpy.float32(score)
+    for _ in range(count):
+        current = numpy.nextafter(current, numpy.float32(-numpy.inf))
+        scores.append(float(current))
+    return scores
+
+
+def lowest_normal_score(proto):
+    normal = proto.SentencePiece.NORMAL
+    return min((p.score for p in proto.pieces if p.type == normal), default=0.0)
+
+
 def merge_pieces(base_proto, new_proto):
     """Append the normal pieces of ``new_proto`` that ``base_proto`` lacks; return them (in order)."""
     normal = new_proto.SentencePiece.NORMAL
     have = {p.piece for p in base_proto.pieces}
-    lowest = min((p.score for p in base_proto.pieces), default=0.0)
     added = []
     for p in new_proto.pieces:
         if p.type != normal or p.piece in have or any(s in p.piece for s in NEVER_IN_PIECES):
             continue
         have.add(p.piece)
         added.append(p.piece)
+    # below every ordinary base piece, in the new model's order: base merges keep their priority
+    for piece_text, score in zip(added, scores_below(lowest_normal_score(base_proto), len(added))):
         piece = base_proto.pieces.add()
-        piece.piece = p.piece
+        piece.piece = piece_text
         piece.type = normal
-        # below every base piece, in the new model's order: base merges keep their priority
-        piece.score = lowest - len(added)
+        piece.score = score
     return added
+
+
+def check_new_scores(proto, old_size):
+    """{'lowest_base_score', 'first_new_score', 'last_new_score', 'strictly_decreasing'} of the pieces after
+    ``old_size``, read back from the model; DataError unless each is below the one before and the first
+    below every ordinary base piece."""
+    base = sentencepiece_model_pb2.ModelProto()
+    base.pieces.extend(proto.pieces[:old_size])
+    lowest = lowest_normal_score(base)
+    scores = [lowest] + [p.score for p in proto.pieces[old_size:]]
+    ok = all(a > b for a, b in zip(scores, scores[1:]))
+    if not ok:
+        raise DataError("the new pieces' scores are not strictly decreasing below the base's lowest "
+                        "(a bug: report it)")
+    return {"lowest_base_score": lowest, "first_new_score": scores[1] if len(scores) > 1 else None,
+            "last_new_score": scores[-1] if len(scores) > 1 else None, "strictly_decreasing": ok}
+
+
+def write_tokenizer_json(directory, check_texts):
+    """Write DIR/tokenizer.json (and tokenizer_config.json) built from DIR/tokenizer.model by sp_convert, and
+    check that they agree with tokenizer.model under SentencePiece, loaded both ways: by the project's loader
+    and through AutoTokenizer, as other programs read them.  Returns the agreement for the report."""
+    tokenizer = model_loader.load_tokenizer(directory, "--out")   # refuses a disagreeing conversion
+    tokenizer.save_pretrained(directory)
+    model_file = os.path.join(directory, "tokenizer.model")
+    plain = AutoTokenizer.from_pretrained(directory)
+    agreement = {"loader": sp_convert.agreement_report(tokenizer, model_file, check_texts),
+                 "auto_tokenizer": sp_convert.agreement_report(plain, model_file, check_texts)}
+    for name, result in agreement.items():
+        if result["first_difference"]:
+            raise DataError(f"--out {directory}: the written tokenizer ({name}) differs from its tokenizer.model: "
+                            f"{result['first_difference']} (a bug: report it)")
+    return agreement
 
 
 def copy_proto(proto):
@@ -296,11 +352,13 @@ def extend(args):
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(merged.SerializeToString())
         build_tiny_model.save_tokenizer(tmp, merged.normalizer_spec.add_dummy_prefix)
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        agreement = write_tokenizer_json(tmp, heldout)
+        tokenizer = model_loader.load_tokenizer(tmp, "--out")
         vocab = tokenizer.get_vocab()
         if len(tokenizer) != len(merged.pieces) or any(vocab.get(new_sp.id_to_piece(i)) != i
                                                            for i in range(new_sp.get_piece_size())):
             raise RuntimeError("the saved tokenizer's ids differ from its SentencePiece model's")
+        scores = check_new_scores(merged, old_size)
         if model_dir:
             model = resize_model(model_dir, old_proto, added, old_size)
             model.save_pretrained(tmp, safe_serialization=True)
@@ -320,6 +378,8 @@ def extend(args):
             "tokens_per_char_before": before,
             "tokens_per_char_after": after,
             "model_resized": bool(model_dir),
+            "new_piece_scores": scores,
+            "agreement_with_tokenizer_model": agreement,
         }
         with open(os.path.join(tmp, "extend_vocab_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)
@@ -344,8 +404,15 @@ def main(argv=None):
     else:
         gain = "no held-out text: tokens per character not measured (give --heldout_file or more corpus lines)"
     resized = "; embeddings resized" if r["model_resized"] else ""
+    a, sc = r["agreement_with_tokenizer_model"], r["new_piece_scores"]
+    checked = (f"checked: the project's loader and AutoTokenizer give tokenizer.model's ids and decode back on "
+               f"{a['loader']['agreeing']}/{a['loader']['probe_texts']} and {a['auto_tokenizer']['agreeing']}/"
+               f"{a['auto_tokenizer']['probe_texts']} probe texts (held-out lines included, each with and without "
+               f"a leading space); new pieces' scores strictly decreasing from {sc['first_new_score']!r} to "
+               f"{sc['last_new_score']!r}, below the lowest base score {sc['lowest_base_score']!r}")
     print(f"wrote {args.out} in {seconds:.1f}s: vocabulary {r['base_vocab_size']} + {r['added_pieces']} new pieces = "
           f"{r['vocab_size']} (of {r['trained_pieces']} trained on {r['corpus_lines']} lines){resized}; {gain}")
+    print(checked)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 import config
 import data_io
 import demo_model
+import sp_convert
 from adapter_check import ADAPTER_CONFIG, check_adapter_fits, is_adapter_dir, read_adapter_config
 from model_paths import TOKENIZER_FILES, LoaderError, has_tokenizer, resolve_path  # noqa: F401  (re-exported)
 
@@ -45,12 +46,26 @@ FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 # tokenizer
 # ----------------------------------------------------------------------------------------------
 def load_tokenizer(path, flag="--tokenizer"):
-    """The tokenizer of a local directory or Hugging Face id (LlamaTokenizer for CuteGPT)."""
+    """The tokenizer of a local directory or Hugging Face id.
+
+    A directory holding tokenizer.model (LLaMA, CuteGPT: with or without tokenizer.json, extended by
+    extend_vocab.py, with '<end>' added by full fine-tuning) gives a fast tokenizer built from the
+    SentencePiece model itself, checked to encode exactly as SentencePiece and to decode back to the text
+    (sp_convert.load_llama_tokenizer; transformers' own conversion differs on leading spaces and on
+    appended pieces).  Other directories load through AutoTokenizer.  Either way text is encoded as text:
+    '<s>', '</s>', '<end>' written in it are characters (split_special_tokens)."""
     directory = resolve_path(path, flag)
     if not has_tokenizer(directory):
         raise LoaderError(f"{flag} {path}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
+        try:
+            return sp_convert.load_llama_tokenizer(directory)
+        except sp_convert.NotConvertible as e:
+            raise LoaderError(f"{flag} {path}: its tokenizer.model cannot be loaded with SentencePiece's ids ({e}); "
+                              f"give a directory whose tokenizer.model is a SentencePiece BPE model and whose "
+                              f"added tokens follow its pieces")
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory, split_special_tokens=True)
     except Exception as e:
         raise LoaderError(f"{flag} {path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})")
 

@@ -17,7 +17,6 @@ token, the ids the model was trained on up to where the answer starts.
 """
 import os
 import random
-import re
 
 import sentencepiece
 
@@ -68,9 +67,16 @@ def question_text(instruction, input_text, template_name, input_template):
     return parts["plain"].format(instruction=instruction)
 
 
+class AnswerText(str):
+    """The text of an answer segment: the answer, then the template's END_MARKER.  A str (code that reads
+    segments as text needs no change); tokenize_segment_texts gives its final END_MARKER the marker's own
+    id where the tokenizer has '<end>' as one token (full fine-tuning), while an '<end>' written in any
+    text, this answer's included, stays characters: control tokens come only from the template."""
+
+
 def answer_text(output):
     """The learned part of one turn: the answer closed by the end marker."""
-    return output + config.END_MARKER
+    return AnswerText(output + config.END_MARKER)
 
 
 def conversation_segments(turns, template=config.INFERENCE_TEMPLATE, rng=None, meta_prompt=None):
@@ -174,40 +180,47 @@ def split_messages(messages):
     return meta_prompt, history, turns[-1]
 
 
+def end_marker_id(tokenizer):
+    """The id of config.END_MARKER where the tokenizer holds it as one added token, else None."""
+    return tokenizer.get_added_vocab().get(config.END_MARKER)
+
+
+def split_marked(texts, end_id):
+    """(texts to encode as text, marked): answer texts (AnswerText) lose their final END_MARKER when
+    ``end_id`` is an id for it; marked[i] says whether text i gets ``end_id`` appended."""
+    if end_id is None:
+        return list(texts), None
+    cut = len(config.END_MARKER)
+    marked = [isinstance(t, AnswerText) and t.endswith(config.END_MARKER) for t in texts]
+    if not any(marked):
+        return list(texts), None
+    return [t[:-cut] if m else t for t, m in zip(texts, marked)], marked
+
+
+def with_marks(token_lists, marked, end_id):
+    if marked is None:
+        return token_lists
+    return [list(ids) + [end_id] if m else ids for ids, m in zip(token_lists, marked)]
+
+
 class SentencePieceSegments:
-    """Batched, multi-threaded SentencePiece encoding that gives a LLaMA tokenizer's ids.
+    """Batched, multi-threaded SentencePiece encoding: a LLaMA tokenizer's ids.
 
     LLaMA tokenizers ship ``tokenizer.model``; encoding with it directly is what the original
     CuteGPT's slow LlamaTokenizer did, and it is several times faster than the Hugging Face BPE on
-    long unsplit Chinese runs.  Added tokens ('<end>' after full fine-tuning, '<s>', '</s>') are
-    cut out first and each part between them is encoded on its own, as transformers does.
+    long unsplit Chinese runs.  Every text is encoded as text ('<s>', '</s>', '<end>' in it are
+    characters); only the END_MARKER that closes an answer segment (AnswerText) becomes the '<end>' id,
+    where the tokenizer has one (full fine-tuning).
     """
 
     def __init__(self, tokenizer, processor):
         self.processor = processor
-        added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
-        self.added = added
-        names = sorted(added, key=len, reverse=True)
-        self.split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
+        self.end_id = end_marker_id(tokenizer)
         self.threads = max(1, min(8, os.cpu_count() or 1))
 
     def encode(self, texts, threads=None):
-        threads = threads or self.threads
-        # one search over all texts (a match across two of them only costs the slower path below)
-        if self.split is None or not self.split.search("\n".join(texts)):
-            return self.processor.encode(list(texts), num_threads=threads)
-        # the parts between added tokens of all texts, encoded in one batch (with --special_end_token every
-        # answer holds '<end>': a call per text would be the seed's speed)
-        split = [[p for p in self.split.split(text) if p] for text in texts]
-        plain = [p for parts in split for p in parts if p not in self.added]
-        encoded = iter(self.processor.encode(plain, num_threads=threads) if plain else [])
-        results = []
-        for parts in split:
-            ids = []
-            for part in parts:
-                ids.extend([self.added[part]] if part in self.added else next(encoded))
-            results.append(ids)
-        return results
+        texts, marked = split_marked(texts, self.end_id)
+        return with_marks(self.processor.encode(texts, num_threads=threads or self.threads), marked, self.end_id)
 
 
 _SEGMENT_ENCODERS = {}
@@ -236,18 +249,23 @@ def segment_encoder(tokenizer):
 def tokenize_segment_texts(tokenizer, texts, threads=None):
     """Token ids of each text, tokenized on its own without special tokens (one batched call).
 
-    Training (convert_data.py, dataset.py) and inference (chat.py) both come here, so they always
-    agree.  LLaMA tokenizers go through SentencePiece itself (``segment_encoder``; ``threads``: its
-    encoding threads, default min(8, cores); convert_data.py passes --threads), others through the
-    Hugging Face tokenizer's batch call.  Both release the GIL while they encode, so another thread's
-    Python work runs meanwhile (dataset.tokenize_samples' pipeline).
+    Training (convert_data.py, dataset.py) and inference (chat.py, the API server) all come here, so
+    they always agree.  Text is encoded as text: '<s>', '</s>', '<end>' written by a user are
+    characters; control ids come only from the template (the END_MARKER closing an AnswerText).  LLaMA
+    tokenizers go through SentencePiece itself (``segment_encoder``; ``threads``: its encoding threads,
+    default min(8, cores); convert_data.py passes --threads), others through the Hugging Face
+    tokenizer's batch call.  Both release the GIL while they encode, so another thread's Python work
+    runs meanwhile (dataset.tokenize_samples' pipeline).
     """
     if not texts:
         return []
     encoder = segment_encoder(tokenizer)
     if encoder is not None:
         return encoder.encode(texts, threads)
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    end_id = end_marker_id(tokenizer)
+    plain, marked = split_marked(texts, end_id)
+    ids = tokenizer(plain, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return with_marks(ids, marked, end_id)
 
 
 def encode_segments(tokenizer, segments):

@@ -234,3 +234,23 @@ def loaded(model_dir):
     model, tokenizer = model_loader.load_model_and_tokenizer(model_dir, quant="fp32", device="cpu",
                                                              notice=lambda message: None)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaMA's real tokenizer (code/build_llama_tokenizer.py), built once into a cache that survives runs
+# ------------------------------------------------------------------------------------------------
+LLAMA_CACHE = os.path.join(os.environ.get("CUTEGPT_TEST_CACHE") or os.path.expanduser("~/.cache/cutegpt-tests"),
+                           "llama_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir():
+    """A directory holding LLaMA's real tokenizer.model (md5 checked), a LlamaTokenizer config and
+    llama.cpp's reference vectors: downloaded and built on the first use (pip download of one sdist, a
+    package index must be reachable), reused afterwards.  A failed build fails the tests, never skips."""
+    import build_llama_tokenizer
+
+    try:
+        return build_llama_tokenizer.build(LLAMA_CACHE)
+    except data_io.DataError as e:
+        pytest.fail(f"LLaMA's tokenizer could not be built: {e}")
