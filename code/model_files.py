@@ -28,6 +28,7 @@ import string
 from transformers import AutoTokenizer
 
 import config
+import sp_convert
 
 # the version of what this module writes: the demo model's cache is rebuilt when it changes
 FORMAT = 1
@@ -198,16 +199,19 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # the entry points
 # ----------------------------------------------------------------------------------------------
-def _drop_config_template(directory):
-    """A chat_template entry of tokenizer_config.json (from a base model) would shadow ours for old readers."""
+def _engine_config(directory):
+    """tokenizer_config.json as engines read it: the rendered chat template is tokenized in one piece, so the
+    control tokens it writes ('<end>' after full fine-tuning) must be parsed as tokens there
+    (split_special_tokens false).  The project's own loader encodes text as text whatever this says
+    (model_loader.load_tokenizer); in an engine a control token typed by a user is parsed too (docs/serving.md)."""
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         tokenizer_config = json.load(f)
-    if "chat_template" in tokenizer_config:
-        del tokenizer_config["chat_template"]
-        write_json(path, tokenizer_config)
+    tokenizer_config.pop("chat_template", None)   # a base model's entry would shadow ours for old readers
+    tokenizer_config["split_special_tokens"] = False
+    write_json(path, tokenizer_config)
 
 
 def write_model_files(directory, sentencepiece_sources=(), generation=None):
@@ -215,7 +219,11 @@ def write_model_files(directory, sentencepiece_sources=(), generation=None):
     of ``sentencepiece_sources`` that exists, files or directories; else the one there is kept), the chat template
     and the generation config (``generation``: extra entries).  Returns the tokenizer as engines load it."""
     copy_sentencepiece_model(None, directory, sentencepiece_sources)
-    _drop_config_template(directory)
+    if os.path.isfile(os.path.join(directory, SENTENCEPIECE_FILE)):
+        # tokenizer.json and tokenizer_config.json rewritten from tokenizer.model: SentencePiece's ids for
+        # every reader (transformers' own LlamaTokenizer differs on leading spaces and appended pieces)
+        sp_convert.load_llama_tokenizer(directory).save_pretrained(directory)
+    _engine_config(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)   # what vLLM / transformers serve will see
     with open(os.path.join(directory, TEMPLATE_FILE), "w", encoding="utf-8") as f:
         f.write(template_for(tokenizer))
