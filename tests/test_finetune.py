@@ -16,6 +16,7 @@ import data_io
 import dataset
 import distributed
 import finetune
+import model_loader
 import packing
 import train_step
 
@@ -143,10 +144,13 @@ def test_full_finetune_without_launcher_memorises(tiny_model_dir, tmp_path):
     assert sum(history[-3:]) / 3 <= 0.5 * sum(history[:3]) / 3
     final = run_dir / "full_epoch3"
     assert (final / "model.safetensors").exists() and (final / "config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(str(final))
-    # '<end>' is one token (the last), which only the template produces: written in text it stays characters
+    # '<end>' is one token (the last), which only the template produces: the project's loader keeps it
+    # characters when written in text; engines (AutoTokenizer) parse it, as the rendered chat template needs
+    tokenizer = model_loader.load_tokenizer(str(final))
     assert tokenizer.convert_tokens_to_ids("<end>") == len(tokenizer) - 1
     assert len(tokenizer("<end>", add_special_tokens=False)["input_ids"]) > 1
+    engine = AutoTokenizer.from_pretrained(str(final))
+    assert engine("<end>", add_special_tokens=False)["input_ids"] == [len(tokenizer) - 1]
     model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert_memorised(model, tokenizer, small_dialogues())
