@@ -13,8 +13,11 @@ Every request is a streamed chat completion (temperature 0, --max_tokens, usage 
 from the sample dialogues, the clients cycling through them.  Latency: request sent to the last event;
 time to first token: to the first content chunk; tokens: the completion tokens the server reports (the
 toy model stops at its end marker, so answers may be shorter than --max_tokens).  Aggregate tokens/s =
-all completion tokens / wall time of the round.  The machine's load average is printed with the
-figures: on a shared machine they are only as good as the quiet it had.
+all completion tokens / wall time of the round.  Each number of clients runs --repeats rounds (the
+numbers taking turns); its row is the round of median tokens/s.  The machine's load average is printed
+with the figures: on a shared machine they are only as good as the quiet it had.  The clients run on
+the same machine as a server started here; they parse a chunk only where it can matter (until the
+first content, then the usage chunk), not once per token.
 """
 import argparse
 import asyncio
@@ -25,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -46,7 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--requests_per_client", type=int, default=4, help="requests each client sends back to "
                                                                       "back (default: %(default)s)")
     p.add_argument("--max_tokens", type=int, default=64, help="max_tokens of each request (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per number of clients, in turn; each row is "
+                                                          "the round of median tok/s (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--server_log", default=os.path.join(tempfile.gettempdir(), "bench_serve_server.log"),
+                   help="where the started server's output goes (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         args.clients = [int(c) for c in args.clients.split(",")]
@@ -54,8 +62,8 @@ def parse_args(argv=None):
         p.error(f"--clients {args.clients}: give numbers separated by commas, e.g. 1,4,16")
     if not args.clients or min(args.clients) < 1:
         p.error("--clients: every number must be 1 or more")
-    if args.requests_per_client < 1 or args.max_tokens < 1:
-        p.error("--requests_per_client and --max_tokens must be 1 or more")
+    if args.requests_per_client < 1 or args.max_tokens < 1 or args.repeats < 1:
+        p.error("--requests_per_client, --max_tokens and --repeats must be 1 or more")
     return args
 
 
@@ -64,18 +72,22 @@ def questions():
     return [dialogue[0]["instruction"] for dialogue in dialogues]
 
 
-def start_server(server_args):
-    """`python code/api_server.py --demo` on a free port; (process, base url)."""
+def start_server(server_args, log_path):
+    """`python code/api_server.py --demo` on a free port, its output in ``log_path``; (process, base url)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "code/api_server.py", "--demo", "--port", str(port)] + shlex.split(server_args)
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    print(f"starting {' '.join(command[1:])} (its output: {log_path}); a first --demo builds the toy model "
+          f"into {config.DEMO['cache_dir']} (a few minutes on a CPU) ...", flush=True)
+    with open(log_path, "w", encoding="utf-8") as log:   # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1800   # the first --demo builds the toy model
+    deadline = time.time() + 1800
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise data_io.DataError(f"code/api_server.py --demo exited: {proc.stderr.read()[-2000:]}")
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                raise data_io.DataError(f"code/api_server.py --demo exited: {log.read()[-2000:]}")
         try:
             if httpx.get(base + "/health", timeout=2).status_code == 200:
                 return proc, base
@@ -83,7 +95,7 @@ def start_server(server_args):
             pass
         time.sleep(0.5)
     proc.kill()
-    raise data_io.DataError("code/api_server.py --demo did not come up within 30 minutes")
+    raise data_io.DataError(f"code/api_server.py --demo did not come up within 30 minutes (see {log_path})")
 
 
 async def one_request(session, url, question, max_tokens):
@@ -96,7 +108,11 @@ async def one_request(session, url, question, max_tokens):
         if response.status_code != 200:
             raise data_io.DataError(f"the server answered {response.status_code}: {await response.aread()}")
         async for line in response.aiter_lines():
+            # the clients share the machine with the server: a chunk is parsed only when it can matter
+            # (until the first content, the usage chunk, an error), not once per token
             if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is not None and line.endswith('"usage": null}') and '"error"' not in line:
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
@@ -134,15 +150,22 @@ def main(argv=None):
     try:
         base = args.url.rstrip("/") if args.url else None
         if base is None:
-            proc, base = start_server(args.server_args)
+            proc, base = start_server(args.server_args, args.server_log)
         asked = questions()
         asyncio.run(round_of(base, args.api_key, 2, 1, 8, asked))   # warm-up, not counted
         rows = []
         print("| clients | requests | aggregate tok/s | p50 latency | p95 latency | median TTFT | load avg |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
+        rounds = {clients: [] for clients in args.clients}
+        for _ in range(args.repeats):   # in turn, so a busy spell of a shared machine hits every row alike
+            for clients in args.clients:
+                row = asyncio.run(round_of(base, args.api_key, clients, args.requests_per_client, args.max_tokens,
+                                           asked))
+                row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+                rounds[clients].append(row)
         for clients in args.clients:
-            row = asyncio.run(round_of(base, args.api_key, clients, args.requests_per_client, args.max_tokens, asked))
-            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            row = sorted(rounds[clients], key=lambda r: r["tok_per_s"])[len(rounds[clients]) // 2]
+            row["tok_per_s_rounds"] = [r["tok_per_s"] for r in rounds[clients]]
             rows.append(row)
             print(f"| {clients} | {row['requests']} | {row['tok_per_s']} | {row['p50_s']} s | {row['p95_s']} s | "
                   f"{row['ttft_median_s']} s | {row['load_avg_1m']} |", flush=True)

@@ -41,11 +41,14 @@ class Outcome:
 
 class Job:
     """One request's generation.  The engine sends events to the request's event loop:
-    ('text', str), then ('done', Outcome) or ('error', exception)."""
+    ('text', str), then ('done', Outcome) or ('error', exception).  With ``events`` (an asyncio.Queue
+    several jobs share) and a ``tag``, each event goes there as (tag, kind, payload): one queue for the
+    choices of a request, read without a task per choice."""
 
-    def __init__(self, prepared, request, loop):
+    def __init__(self, prepared, request, loop, events=None, tag=None):
         self.prepared, self.request, self.loop = prepared, request, loop
-        self.events = asyncio.Queue()
+        self.events = asyncio.Queue() if events is None else events
+        self.tag = tag
         self.cancelled = threading.Event()
         self.reply = None
         self.canceller = None    # set by the path running the job: stops its generation
@@ -54,7 +57,8 @@ class Job:
 
     def emit(self, kind, payload=None):
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            event = (kind, payload) if self.tag is None else (self.tag, kind, payload)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:   # the event loop is gone (server shutting down)
             pass
 

@@ -108,34 +108,29 @@ class Endpoints:
         return await asyncio.to_thread(run)
 
     async def events(self, jobs, request):
-        """(choice index, kind, payload) of every job's events as they come; on return, failure or
-        cancellation (client gone) every job is cancelled."""
-        merged = asyncio.Queue()
-
-        async def forward(index, job):
-            while True:
-                kind, payload = await job.events.get()
-                merged.put_nowait((index, kind, payload))
-                if kind != "text":
-                    return
-
+        """(choice index, kind, payload) of every job's events as they come, the text a job sent since the
+        last read in one piece (a busy server then sends fewer, longer chunks); on return, failure or
+        cancellation (client gone) every job is cancelled.  The jobs share ``events``, their tags the indices."""
+        events = jobs[0].events
         for job in jobs:
             self.engine.submit(job)
-        tasks = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
         running = len(jobs)
         try:
             while running:
-                try:
-                    item = await asyncio.wait_for(merged.get(), self.poll_s)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                running -= item[1] != "text"
-                yield item
+                ready = []
+                if events.empty():   # (wait_for costs a task: only when there is nothing to read)
+                    try:
+                        ready.append(await asyncio.wait_for(events.get(), self.poll_s))
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                while not events.empty():
+                    ready.append(events.get_nowait())
+                for item in coalesced(ready):
+                    running -= item[1] != "text"
+                    yield item
         finally:
-            for task in tasks:
-                task.cancel()
             for job in jobs:
                 job.cancel()
 
@@ -145,7 +140,8 @@ class Endpoints:
         one JSON object; streamed: server-sent events ending with [DONE]."""
         self.engine.check_room()   # a full queue answers 429 before any streaming starts
         loop = asyncio.get_running_loop()
-        jobs = [Job(prepared, wanted.for_choice(index), loop)
+        events = asyncio.Queue()   # every choice's events, tagged with its index
+        jobs = [Job(prepared, wanted.for_choice(index), loop, events, index)
                 for index, prepared in enumerate(p for p in prompts for _ in range(wanted.n))]
         echoes = [job.prepared.query if wanted.echo else "" for job in jobs]
         prompt_tokens = sum(len(p.input_ids) for p in prompts)
@@ -247,6 +243,17 @@ class Endpoints:
     async def health(self):
         """Liveness and queue state; open without the API key (it tells nothing about the data)."""
         return {"status": "ok", "model": self.model_name, **self.engine.status()}
+
+
+def coalesced(events):
+    """``events`` [(index, kind, payload)] with each run of texts of one index joined into one."""
+    joined = []
+    for item in events:
+        if joined and item[1] == "text" and joined[-1][1] == "text" and joined[-1][0] == item[0]:
+            joined[-1] = (item[0], "text", joined[-1][2] + item[2])
+        else:
+            joined.append(item)
+    return joined
 
 
 def decode_all(tokenizer, id_lists):

@@ -279,3 +279,14 @@ def test_unsupported_fields_are_refused_by_name(client, base):
     lines = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] > 10
     assert httpx.get(base + "/health").json()["failed"] == 0
+
+
+def test_stream_events_read_together_are_joined_per_choice():
+    """What the server reads from its event queue at once goes out as one chunk per run of one choice's
+    text, in order; ends and other choices' texts are kept where they were."""
+    done = object()
+    events = [(0, "text", "a"), (0, "text", "b"), (1, "text", "c"), (1, "text", "d"), (0, "text", "e"),
+              (0, "done", done), (1, "text", "f")]
+    assert api_server.coalesced(events) == [(0, "text", "ab"), (1, "text", "cd"), (0, "text", "e"),
+                                            (0, "done", done), (1, "text", "f")]
+    assert api_server.coalesced([]) == []

@@ -423,12 +423,14 @@ def test_a_burst_of_200_requests_is_answered_or_refused(api):
 def test_bench_serve_measures_a_running_server(api, tmp_path):
     out = tmp_path / "serve.json"
     proc = run_script(["bench/bench_serve.py", "--url", api[0], "--api_key", KEY, "--clients", "1,3",
-                       "--requests_per_client", "2", "--max_tokens", "8", "--json", str(out)], timeout=300)
+                       "--requests_per_client", "2", "--max_tokens", "8", "--repeats", "3", "--json", str(out)],
+                      timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["clients"] for r in report["rows"]] == [1, 3] and [r["requests"] for r in report["rows"]] == [2, 6]
     for row in report["rows"]:
         assert 0 < row["tokens"] <= 8 * row["requests"] and row["tok_per_s"] > 0
+        assert len(row["tok_per_s_rounds"]) == 3 and row["tok_per_s"] == sorted(row["tok_per_s_rounds"])[1]
         assert 0 < row["ttft_median_s"] <= row["p50_s"] <= row["p95_s"]
         assert f"| {row['clients']} | {row['requests']} | {row['tok_per_s']} |" in proc.stdout
     assert f"ratio 3 clients / 1 client: {report['ratio']:.2f}x" in proc.stdout
