@@ -19,7 +19,7 @@ import config
 import data_io
 import model_files
 from data_io import DataError
-from distributed import all_ranks_agree, print_rank0
+from distributed import all_ranks_agree, print_rank0, stop_together
 
 STATE_DIR = "training_state"
 PROGRESS_FILE = "progress.json"
@@ -199,24 +199,38 @@ def _load_restricted(path):
                         f"so it is not loaded (checkpoints of code/finetune.py never do): {detail[:200]}")
 
 
-def load_training_state(path, engine, rank):
-    """Restore the engine (weights, optimizer, scheduler) and this rank's random states from ``path``.
-
-    DeepSpeed's loader unpickles without restriction, so every file it will read is first opened
-    with the restricted loader: one holding anything but tensors and plain values is refused.
-    """
+def read_rank_states(path, rank, device):
+    """This rank's saved random states from checkpoint ``path`` (a collective): every file DeepSpeed will
+    read is first opened with the restricted loader (DeepSpeed's own loader unpickles without restriction:
+    a file holding anything but tensors and plain values is refused).  When any rank cannot read its
+    files, every rank stops with that rank's message, instead of the others waiting in DeepSpeed's load."""
+    error = rng = None
     state_dir = os.path.join(path, STATE_DIR)
-    engine_dir = os.path.join(state_dir, ENGINE_TAG)
-    for name in sorted(os.listdir(engine_dir)):
-        if name.endswith(".pt"):
-            _load_restricted(os.path.join(engine_dir, name))
-    load_path, _ = engine.load_checkpoint(state_dir, tag=ENGINE_TAG, load_module_strict=False)
+    try:
+        engine_dir = os.path.join(state_dir, ENGINE_TAG)
+        for name in sorted(os.listdir(engine_dir)):
+            if name.endswith(".pt"):
+                _load_restricted(os.path.join(engine_dir, name))
+        rng_file = os.path.join(state_dir, f"rng_rank{rank}.pt")
+        if not os.path.isfile(rng_file):
+            raise DataError(f"--resume_from {path}: {rng_file} is missing (was the run saved with more ranks?)")
+        rng = _load_restricted(rng_file)
+    except OSError as e:
+        error = f"--resume_from {path}: cannot read {e.filename or state_dir} ({e.strerror or e})"
+    except DataError as e:
+        error = str(e)
+    stop_together(error, device)
+    return rng
+
+
+def load_training_state(path, engine, rank, device):
+    """Restore the engine (weights, optimizer, scheduler) from ``path``; returns this rank's random states."""
+    rng = read_rank_states(path, rank, device)
+    load_path, _ = engine.load_checkpoint(os.path.join(path, STATE_DIR), tag=ENGINE_TAG, load_module_strict=False)
     if load_path is None:
-        raise DataError(f"--resume_from {path}: DeepSpeed found no engine state in {engine_dir}")
-    rng_file = os.path.join(state_dir, f"rng_rank{rank}.pt")
-    if not os.path.isfile(rng_file):
-        raise DataError(f"--resume_from {path}: {rng_file} is missing (was the run saved with more ranks?)")
-    return _load_restricted(rng_file)
+        raise DataError(f"--resume_from {path}: DeepSpeed found no engine state in "
+                        f"{os.path.join(path, STATE_DIR, ENGINE_TAG)}")
+    return rng
 
 
 def numel(param):
@@ -306,11 +320,11 @@ class RunLog:
 
 
 
-def resume(path, progress, engine, rank, steps_per_epoch):
-    """Restore the engine from checkpoint ``path``; returns this rank's saved random states and where the
-    run continues: {"global_step", "start_epoch", "start_step_in_epoch"}."""
+def resume(path, progress, engine, rank, steps_per_epoch, device):
+    """Restore the engine from checkpoint ``path`` (every rank together); returns this rank's saved random
+    states and where the run continues: {"global_step", "start_epoch", "start_step_in_epoch"}."""
     try:
-        rng = load_training_state(path, engine, rank)
+        rng = load_training_state(path, engine, rank, device)
     except DataError as e:
         data_io.fail(str(e))
     epoch, step_in_epoch = progress["epoch"], progress["step_in_epoch"]

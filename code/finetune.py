@@ -371,7 +371,7 @@ def main(argv=None):
             "total_steps": total_steps, "global_step": 0, "start_epoch": 0, "start_step_in_epoch": 0}
     resumed_rng = None
     if resume_dir:
-        resumed_rng, position = checkpoints.resume(resume_dir, resume_progress, engine, rank, steps_per_epoch)
+        resumed_rng, position = checkpoints.resume(resume_dir, resume_progress, engine, rank, steps_per_epoch, device)
         plan.update(position)
     trainable = checkpoints.trainable_numel(model)
     say(f"trainable parameters: {trainable:,}; rows: {len(train_dataset)}; micro-batch {micro_batch} x "

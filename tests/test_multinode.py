@@ -18,6 +18,7 @@ from conftest import CODE, REPO, kill_tree, script_env
 from test_finetune import MAX_LENGTH, convert, lora_weights, small_dialogues
 from test_resume import WRAPPER, logged
 
+import checkpoints
 import distributed
 import finetune
 
@@ -140,12 +141,14 @@ RANKS = textwrap.dedent(f"""
     import json, os, sys
     sys.path.insert(0, {CODE!r})
     import torch, torch.distributed as dist
+    import checkpoints
     import distributed
     from data_io import DataError
 
     dist.init_process_group("gloo")
     rank, cpu, out = dist.get_rank(), torch.device("cpu"), {{}}
     shared, own = sys.argv[1], sys.argv[2] + str(dist.get_rank())
+    complete, partial = sys.argv[3], sys.argv[4]   # checkpoints with both ranks' random states, rank 0's only
 
     def attempt(name, action):
         try:
@@ -162,6 +165,8 @@ RANKS = textwrap.dedent(f"""
     attempt("none_fails", lambda: distributed.stop_together(None, cpu))
     attempt("shared_dir", lambda: distributed.check_shared_dir(shared, "--save_dir", cpu))
     attempt("own_dirs", lambda: distributed.check_shared_dir(own, "--save_dir", cpu))
+    attempt("states", lambda: checkpoints.read_rank_states(complete, rank, cpu)["rank"])
+    attempt("rank1_state_missing", lambda: checkpoints.read_rank_states(partial, rank, cpu)["rank"])
     print(json.dumps(out), flush=True)
     dist.barrier()
     dist.destroy_process_group()   # a gloo group left to the interpreter's exit can abort the process
@@ -174,8 +179,15 @@ def test_ranks_decide_together_and_stop_together(tmp_path):
     stale = tmp_path / "own1" / distributed.SHARED_DIR_MARKER
     stale.parent.mkdir()
     stale.write_text("an old run's token")   # node 1's own disk, with a marker of an earlier run
+    for name, ranks in (("complete", 2), ("partial", 1)):   # a checkpoint's state files (made up)
+        state = tmp_path / name / checkpoints.STATE_DIR
+        (state / checkpoints.ENGINE_TAG).mkdir(parents=True)
+        torch.save({"module": {"w": torch.zeros(2)}}, state / checkpoints.ENGINE_TAG / "mp_rank_00_model_states.pt")
+        for r in range(ranks):
+            torch.save({"rank": r}, state / f"rng_rank{r}.pt")
     port = str(distributed.free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "shared"), str(tmp_path / "own")],
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "shared"), str(tmp_path / "own"),
+                               str(tmp_path / "complete"), str(tmp_path / "partial")],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=script_env({"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                               "MASTER_PORT": port})) for r in range(2)]
@@ -187,8 +199,10 @@ def test_ranks_decide_together_and_stop_together(tmp_path):
             p.wait()
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    rank0, rank1 = (json.loads(out) for out, _ in outputs)
-    assert rank0 == rank1   # every outcome the same on both ranks
+    rank0, rank1 = (json.loads(out.splitlines()[-1]) for out, _ in outputs)   # (after what imports print)
+    # every outcome the same on both ranks, but each one's own random states
+    assert [rank0.pop("states"), rank1.pop("states")] == [{"value": 0}, {"value": 1}]
+    assert rank0 == rank1
     assert rank0["decided"] == {"value": {"rank": 0, "path": "ckp/运行"}}
     assert rank0["rank0_refuses"] == {"error": "--data_path d.pkl: file not found"}
     assert rank0["rank1_fails"]["error"].startswith("--model_path m: not found (rank 1, on ")
@@ -197,6 +211,9 @@ def test_ranks_decide_together_and_stop_together(tmp_path):
     message = rank0["own_dirs"]["error"]
     assert "is not the same folder on every node" in message and "is another here" in message
     assert "filesystem every node shares" in message and "SAVE_DIR" in message and "(rank 1, on " in message
+    # resuming: every rank stops with the message of the rank whose random states are missing
+    message = rank0["rank1_state_missing"]["error"]
+    assert "rng_rank1.pt is missing" in message and "(rank 1, on " in message
 
 
 # ------------------------------------------------------------------------------------------------
