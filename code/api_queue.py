@@ -3,9 +3,11 @@ paged KV cache, one forward pass per step for every running request), handing te
 each request's event loop.
 
 A request the batch cannot honour runs on the one-at-a-time path (chat.Reply, generate()) while the
-batch is paused: a ``seed`` (the batch draws every request's samples from one random generator) or a
+batch is paused: a ``seed`` (the batch draws every request's samples from one random generator), a
 ``repetition_penalty`` other than 1 (the batch's logits processors see only the tokens of the current
-step, not a request's history).  A model the batch cannot take (bitsandbytes int8/nf4 or torchao
+step, not a request's history), and, where the batch samples with the server's own settings
+(config.SERVER batching ``per_request_sampling`` off: the CPU default), a temperature, top_p or top_k
+other than the server's.  A model the batch cannot take (bitsandbytes int8/nf4 or torchao
 weights, --fast's static cache) serves every request on that path.  A LoRA adapter over float weights
 is merged into them at start (the same answers, one matrix product less per layer).
 
@@ -106,13 +108,14 @@ class SyncJob(Job):
                 return
 
 
-def batch_refusal(request):
-    """Why the batch cannot honour ``request`` (a GenerationRequest), or None."""
-    if request.seed is not None:
-        return "seed"
-    if float(request.settings["repetition_penalty"]) != 1.0:
-        return "repetition_penalty"
-    return None
+def sampling_values(settings, vocab):
+    """A request's temperature, top_k and top_p as the batch applies them: greedy is top-k 1 (the one most
+    likely token is sampled)."""
+    if not settings["do_sample"]:
+        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    top_k = int(settings["top_k"])
+    return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+            "top_k": vocab if top_k <= 0 else min(top_k, vocab)}
 
 
 def batchable_model(model, notice=note):
@@ -170,37 +173,51 @@ class Batcher:
     (which decodes and applies the end marker and stop strings; a job that ends early is cancelled in
     the batch)."""
 
-    def __init__(self, model, tokenizer, on_end, sizes):
+    def __init__(self, model, tokenizer, on_end, sizes, defaults):
         self.tokenizer, self.on_end = copy.deepcopy(tokenizer), on_end   # the dispatcher's own tokenizer
         self.eos = chat.stop_token_ids(tokenizer)
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        sizes = dict(sizes)
         self.slots = int(sizes.pop("max_requests_per_batch"))
-        # placeholders that make transformers build the temperature / top-k / top-p processors; every
-        # request passes its own three values (per_request_processors)
-        generation = GenerationConfig(do_sample=True, temperature=0.5, top_k=2, top_p=0.5, max_new_tokens=16,
-                                      eos_token_id=self.eos, pad_token_id=tokenizer.pad_token_id)
-        batching = ContinuousBatchingConfig(**sizes, max_requests_per_batch=self.slots, per_request_processors=True,
-                                            allow_block_sharing=False, auto_switch_to_flash=model.device.type == "cuda")
+        per_request = bool(sizes.pop("per_request_sampling"))
+        # per request: placeholders that make transformers build the temperature / top-k / top-p
+        # processors, every request passing its own three values; else the server's own settings, for all
+        self.fixed = None if per_request else sampling_values(defaults, self.vocab)
+        if per_request:
+            sampling = dict(do_sample=True, temperature=0.5, top_k=2, top_p=0.5)
+        elif self.fixed["top_k"] == 1:
+            sampling = dict(do_sample=False)   # greedy: the most likely token, no logits processors at all
+        else:   # (top_k of the whole vocabulary is no limit: 0 builds no top-k processor)
+            top_k = self.fixed["top_k"]
+            sampling = dict(self.fixed, do_sample=True, top_k=0 if top_k >= self.vocab else top_k)
+        generation = GenerationConfig(**sampling, max_new_tokens=16, eos_token_id=self.eos,
+                                      pad_token_id=tokenizer.pad_token_id)
+        batching = ContinuousBatchingConfig(**sizes, max_requests_per_batch=self.slots,
+                                            per_request_processors=per_request, allow_block_sharing=False,
+                                            auto_switch_to_flash=model.device.type == "cuda")
         self.manager = model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=batching)
         self.manager.start()
         self.runs, self.lock, self.closed = {}, threading.Lock(), False
         threading.Thread(target=self._dispatch, name="cutegpt-batch-results", daemon=True).start()
 
-    def sampling(self, settings):
-        """The per-request processor values: greedy is top-k 1 (the one most likely token is sampled)."""
-        if not settings["do_sample"]:
-            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        top_k = int(settings["top_k"])
-        return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
-                "top_k": self.vocab if top_k <= 0 else min(top_k, self.vocab)}
+    def refusal(self, request):
+        """Why the batch cannot honour ``request`` (a GenerationRequest), or None."""
+        if request.seed is not None:
+            return "seed"
+        if float(request.settings["repetition_penalty"]) != 1.0:
+            return "repetition_penalty"
+        if self.fixed is not None and sampling_values(request.settings, self.vocab) != self.fixed:
+            return "sampling settings other than the server's (per_request_sampling is off)"
+        return None
 
     def add(self, job):
         settings = job.request.settings
         run = _Run(job, StopText(job.request.stops), int(settings["max_new_tokens"]))
+        sampling = sampling_values(settings, self.vocab) if self.fixed is None else {}
         with self.lock:
             rid = self.manager.add_request(list(job.prepared.input_ids), max_new_tokens=run.max_new_tokens,
-                                           streaming=True, eos_token_id=self.eos, **self.sampling(settings))
+                                           streaming=True, eos_token_id=self.eos, **sampling)
             if rid is None:
                 raise RuntimeError("the batch generation loop has stopped")
             self.runs[rid] = run
@@ -289,12 +306,15 @@ class Engine:
     """Runs Jobs: in the batch when the model and the request allow it, else one at a time in a worker
     thread (in arrival order, the batch paused meanwhile)."""
 
-    def __init__(self, model, tokenizer, max_waiting, notice=note):
+    def __init__(self, model, tokenizer, max_waiting, notice=note, defaults=None):
+        """``defaults``: the server's chat.generation_settings (what requests leave out); a batch that
+        samples with the server's own settings takes them."""
         self.tokenizer, self.max_waiting = tokenizer, max_waiting
         self.model, refusal = batchable_model(model, notice)
         self.batcher = None
         if refusal is None:
-            self.batcher = Batcher(self.model, tokenizer, self._ended, batch_sizes(self.model))
+            self.batcher = Batcher(self.model, tokenizer, self._ended, batch_sizes(self.model),
+                                   defaults or chat.default_settings())
         else:
             notice(f"serving one request at a time: {refusal}")
         self.slots = self.batcher.slots if self.batcher else 1
@@ -321,7 +341,7 @@ class Engine:
         job.started = time.monotonic()
         with self.state:
             self.pending += 1
-        refusal = batch_refusal(job.request) if self.batcher else "no batching"
+        refusal = self.batcher.refusal(job.request) if self.batcher else "no batching"
         if refusal is None:
             try:
                 self.batcher.add(job)

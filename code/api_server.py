@@ -71,7 +71,7 @@ class Endpoints:
         self.defaults = dict(defaults or chat.default_settings())
         self.context_length = chat.context_length_of(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]   # token ids a prompt may hold
-        self.engine = Engine(model, tokenizer, max_waiting)
+        self.engine = Engine(model, tokenizer, max_waiting, defaults=self.defaults)
         # prompts are tokenized in request threads while the generation thread decodes: each side has
         # its own copy of the tokenizer, and request threads take turns on theirs
         self.tokenizer, self.tokenizer_lock = copy.deepcopy(tokenizer), threading.Lock()

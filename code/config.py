@@ -201,11 +201,17 @@ SERVER = {
     # 1.6 MB at 13B (6.7 GB: a 13B on a CPU is slow anyway).  max_batch_tokens caps the tokens of one
     # forward pass (prompt chunks + one per decoding request): on a CPU a longer pass is no faster per
     # token, and prompts longer than it are prefilled in pieces between decoding steps.
-    "batching": {"page_size": 64, "num_blocks": 64, "max_batch_tokens": 512, "max_requests_per_batch": 16},
+    # per_request_sampling: each request brings its own temperature / top_p / top_k into the batch.  The
+    # batch then sorts the whole vocabulary of every running request at every step, which on a CPU costs
+    # more than the toy model's forward pass (BENCHMARKS.md); so on a CPU the batch samples with the
+    # server's own settings, and a request asking for others runs alone, the batch paused meanwhile.
+    "batching": {"page_size": 64, "num_blocks": 64, "max_batch_tokens": 512, "max_requests_per_batch": 16,
+                 "per_request_sampling": False},
     # On a CUDA GPU: None lets transformers size the cache and the batch from the free GPU memory (it
     # takes up to ~80-90% of it); more requests per batch keep the GPU busy (13B in bf16 on one 80 GB
     # card: ~40 GB of cache = ~50k tokens, e.g. 64 requests of 800).
-    "batching_gpu": {"page_size": 256, "num_blocks": None, "max_batch_tokens": None, "max_requests_per_batch": 64},
+    "batching_gpu": {"page_size": 256, "num_blocks": None, "max_batch_tokens": None, "max_requests_per_batch": 64,
+                     "per_request_sampling": True},
     # a 429's Retry-After: the mean seconds a request has taken lately (at least this many)
     "retry_after_min_s": 1,
     "disconnect_poll_s": 0.5,      # how often a waiting or streaming request checks its client is there

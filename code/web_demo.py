@@ -94,7 +94,7 @@ def build_page(model, tokenizer, defaults, memory_limit=config.MEMORY_LIMIT, not
 
     context_length = chat.context_length_of(model, tokenizer)
     initial_temperature = float(defaults["temperature"]) if defaults["do_sample"] else 0.0
-    engine = Engine(model, tokenizer, config.SERVER["max_waiting"])
+    engine = Engine(model, tokenizer, config.SERVER["max_waiting"], defaults=defaults)
     respond = responder(engine, tokenizer, defaults, context_length)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])

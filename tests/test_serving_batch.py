@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import json
 import threading
 import time
@@ -98,13 +99,24 @@ def test_concurrent_requests_share_the_forward_passes(loaded):
         print(f"8 requests: {solo_steps} forward passes one at a time, {batched_steps} together")
         sampled = [ask("随便说点什么", temperature=1.5, seed=7)["choices"][0]["message"]["content"] for _ in range(2)]
         assert sampled[0] == sampled[1]
+        # on a CPU the batch samples with the server's settings (greedy here); others run alone
+        assert not config.SERVER["batching"]["per_request_sampling"]
+        request = functools.partial(api_protocol.GenerationRequest, stops=[], seed=None, stream=False,
+                                    include_usage=False)
+        assert engine.batcher.refusal(request(chat.default_settings(demo=True))) is None
+        hot = chat.user_settings(chat.default_settings(demo=True), temperature=1.5)
+        assert "per_request_sampling is off" in engine.batcher.refusal(request(hot))
         assert engine.status()["failed"] == 0
 
 
-def test_a_lora_model_is_merged_and_batched(loaded):
-    """A PeftModel over float weights is merged at start and batched; its greedy answers are the adapter's."""
+@pytest.mark.parametrize("per_request", [False, True])
+def test_a_lora_model_is_merged_and_batched(loaded, per_request, monkeypatch):
+    """A PeftModel over float weights is merged at start and batched; its greedy answers are the adapter's,
+    whether the batch samples with the server's settings (greedy: argmax) or each request brings its own
+    (greedy: top-k 1, as on a GPU)."""
     from peft import LoraConfig, get_peft_model
 
+    monkeypatch.setitem(config.SERVER, "batching", dict(config.SERVER["batching"], per_request_sampling=per_request))
     model, tokenizer = loaded
     torch.manual_seed(0)
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
@@ -114,9 +126,11 @@ def test_a_lora_model_is_merged_and_batched(loaded):
     expected = [chat.start_reply(lora, tokenizer, [], q, settings).result().response for q in queries]
     plain = [chat.start_reply(model, tokenizer, [], q, settings).result().response for q in queries]
     assert expected != plain                                  # the adapter changes the answers
-    engine = api_queue.Engine(lora, tokenizer, 4, notice=lambda message: None)
+    engine = api_queue.Engine(lora, tokenizer, 4, notice=lambda message: None, defaults=settings)
     try:
         assert engine.batcher is not None and not hasattr(engine.model, "peft_config")
+        request = api_protocol.GenerationRequest(settings, [], None, False, False)
+        assert engine.batcher.refusal(request) is None and (engine.batcher.fixed is None) == per_request
 
         async def answers():
             request = api_protocol.GenerationRequest(settings, [], None, False, False)
@@ -134,6 +148,34 @@ def test_a_lora_model_is_merged_and_batched(loaded):
             return texts
 
         assert asyncio.run(answers()) == expected
+    finally:
+        engine.close()
+
+
+def test_a_sampling_server_batches_requests_with_its_own_settings(loaded):
+    """A server that samples (inference.py's settings) builds its CPU batch with them: a request with the
+    same temperature, top_p and top_k (and repetition_penalty 1) is batched and answered; others run alone."""
+    model, tokenizer = loaded
+    defaults = dict(chat.default_settings(), repetition_penalty=1.0, max_new_tokens=8)
+    engine = api_queue.Engine(model, tokenizer, 4, notice=lambda message: None, defaults=defaults)
+    try:
+        assert engine.batcher.fixed == {"temperature": defaults["temperature"], "top_p": defaults["top_p"],
+                                        "top_k": defaults["top_k"]}
+        same = api_protocol.GenerationRequest(defaults, [], None, False, False)
+        assert engine.batcher.refusal(same) is None
+        cooler = api_protocol.GenerationRequest(dict(defaults, temperature=0.5), [], None, False, False)
+        assert "per_request_sampling is off" in engine.batcher.refusal(cooler)
+
+        async def answer():
+            job = api_queue.Job(chat.build_prompt(tokenizer, [], QUERY), same, asyncio.get_running_loop())
+            engine.submit(job)
+            while (event := await job.events.get())[0] == "text":
+                pass
+            return event
+
+        kind, outcome = asyncio.run(answer())
+        assert kind == "done" and 1 <= outcome.completion_tokens <= 8, (kind, outcome)
+        assert engine.status()["finished"] == 1 and engine.status()["failed"] == 0
     finally:
         engine.close()
 
