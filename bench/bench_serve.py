@@ -173,10 +173,12 @@ def main(argv=None):
         one = min(rows, key=lambda r: r["clients"])
         ratio = most["tok_per_s"] / one["tok_per_s"]
         print(f"ratio {most['clients']} clients / {one['clients']} client: {ratio:.2f}x aggregate tok/s "
-              f"({os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f})")
+              f"({os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
         if args.json:
             data_io.atomic_write_json(args.json, {"rows": rows, "ratio": round(ratio, 2), "url": base,
-                                                  "max_tokens": args.max_tokens, "cpus": os.cpu_count()})
+                                                  "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
+                                                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")})
     except (data_io.DataError, httpx.HTTPError) as e:
         data_io.fail(str(e))
     finally:
