@@ -68,7 +68,7 @@ class Endpoints:
 
     def __init__(self, model, tokenizer, model_name, api_key, memory_limit, defaults, max_waiting, poll_s):
         self.model_name, self.api_key, self.memory_limit, self.poll_s = model_name, api_key, memory_limit, poll_s
-        self.defaults = dict(defaults or chat.default_settings())
+        self.defaults = dict(defaults or server_defaults())
         self.context_length = chat.context_length_of(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]   # token ids a prompt may hold
         self.engine = Engine(model, tokenizer, max_waiting, defaults=self.defaults)
@@ -245,6 +245,15 @@ class Endpoints:
         return {"status": "ok", "model": self.model_name, **self.engine.status()}
 
 
+def server_defaults(demo=False):
+    """The settings for what a request leaves out: inference.py's (the demo's with --demo), with
+    config.SERVER's repetition penalty (none: a penalty is not batched)."""
+    settings = chat.default_settings(demo)
+    if not demo:
+        settings["repetition_penalty"] = float(config.SERVER["repetition_penalty"])
+    return settings
+
+
 def coalesced(events):
     """``events`` [(index, kind, payload)] with each run of texts of one index joined into one."""
     joined = []
@@ -282,7 +291,7 @@ def create_app(model, tokenizer, model_name=config.SERVER["model_name"], api_key
                memory_limit=config.MEMORY_LIMIT, defaults=None, max_waiting=config.SERVER["max_waiting"],
                poll_s=config.SERVER["disconnect_poll_s"]):
     """The FastAPI app serving ``model``.  ``defaults``: chat.generation_settings for fields a
-    request leaves out (config.GENERATION when None)."""
+    request leaves out (``server_defaults()`` when None)."""
     endpoints = Endpoints(model, tokenizer, model_name, api_key, memory_limit, defaults, max_waiting, poll_s)
 
     @contextlib.asynccontextmanager
@@ -378,7 +387,7 @@ def main(argv=None):
         if args.demo:
             print(demo_model.toy_notice(model), flush=True)
         app = create_app(model, tokenizer, args.model_name, args.api_key, args.memory_limit,
-                         chat.default_settings(args.demo), args.max_waiting)
+                         server_defaults(args.demo), args.max_waiting)
     except DataError as e:
         data_io.fail(str(e))
     print(f"CuteGPT API: http://{args.host}:{args.port}/v1 (model {args.model_name!r}"

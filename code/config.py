@@ -212,6 +212,10 @@ SERVER = {
     # card: ~40 GB of cache = ~50k tokens, e.g. 64 requests of 800).
     "batching_gpu": {"page_size": 256, "num_blocks": None, "max_batch_tokens": None, "max_requests_per_batch": 64,
                      "per_request_sampling": True},
+    # The penalty for requests that send no repetition_penalty (OpenAI's API has none): 1 = none.  The
+    # batch cannot apply one (its processors see a step's tokens, not a request's history), so
+    # inference.py's 1.1 here would make every such request run alone and serving many users pointless.
+    "repetition_penalty": 1.0,
     # a 429's Retry-After: the mean seconds a request has taken lately (at least this many)
     "retry_after_min_s": 1,
     "disconnect_poll_s": 0.5,      # how often a waiting or streaming request checks its client is there

@@ -153,10 +153,11 @@ def test_a_lora_model_is_merged_and_batched(loaded, per_request, monkeypatch):
 
 
 def test_a_sampling_server_batches_requests_with_its_own_settings(loaded):
-    """A server that samples (inference.py's settings) builds its CPU batch with them: a request with the
-    same temperature, top_p and top_k (and repetition_penalty 1) is batched and answered; others run alone."""
+    """A server that samples (inference.py's settings, without the penalty a batch cannot apply) builds its
+    CPU batch with them: a request that leaves them out is batched and answered; others run alone."""
     model, tokenizer = loaded
-    defaults = dict(chat.default_settings(), repetition_penalty=1.0, max_new_tokens=8)
+    assert api_server.server_defaults()["repetition_penalty"] == 1.0 != chat.default_settings()["repetition_penalty"]
+    defaults = dict(api_server.server_defaults(), max_new_tokens=8)
     engine = api_queue.Engine(model, tokenizer, 4, notice=lambda message: None, defaults=defaults)
     try:
         assert engine.batcher.fixed == {"temperature": defaults["temperature"], "top_p": defaults["top_p"],
