@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.join(REPO, "code"))
 
 import config  # noqa: E402
 import data_io  # noqa: E402
+import distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,9 +74,7 @@ def questions():
 
 def start_server(server_args, log_path):
     """`python code/api_server.py --demo` on a free port, its output in ``log_path``; (process, base url)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = distributed.free_port()
     command = [sys.executable, "code/api_server.py", "--demo", "--port", str(port)] + shlex.split(server_args)
     print(f"starting {' '.join(command[1:])} (its output: {log_path}); a first --demo builds the toy model "
           f"into {config.DEMO['cache_dir']} (a few minutes on a CPU) ...", flush=True)

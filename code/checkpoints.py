@@ -19,7 +19,7 @@ import config
 import data_io
 import model_files
 from data_io import DataError
-from distributed import all_ranks_agree, print_rank0, stop_together
+from distributed import all_ranks_agree, is_partitioned, print_rank0, stop_together
 
 STATE_DIR = "training_state"
 PROGRESS_FILE = "progress.json"
@@ -93,11 +93,6 @@ def save_checkpoint(path, engine, model, tokenizer, record, progress, rank, devi
                         f"space or fix the folder, then continue with --resume_from latest")
 
 
-def is_partitioned(model):
-    """True when ZeRO-3 holds ``model``'s weights split among the ranks (each rank keeps a part)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def export_state_dict(model, rank):
     """The weights the checkpoint exports, whole, on rank 0 (None elsewhere); None too when the model is not
     partitioned (save_pretrained reads the weights itself).
@@ -108,7 +103,7 @@ def export_state_dict(model, rank):
     """
     import deepspeed
 
-    if not is_partitioned(model):
+    if not is_partitioned(model.parameters()):
         return None
     lora = hasattr(model, "peft_config")
     state = {}

@@ -238,6 +238,11 @@ def zero_stage(ds):
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def is_partitioned(params):
+    """True when ZeRO-3 holds these parameters split among the ranks (each rank keeps a part)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
 def apply_zero_settings(ds, args):
     """config.ZERO_3's settings under stage 3 (values already in the config win) and the offload flags."""
     zero = ds.setdefault("zero_optimization", {})

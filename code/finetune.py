@@ -113,8 +113,7 @@ def gathered(params):
     rank 0's changes are partitioned back on exit; otherwise they are whole already."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0,
-                                             enabled=any(hasattr(p, "ds_id") for p in params))
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=distributed.is_partitioned(params))
 
 
 def vocab_rows(embedding):

@@ -28,6 +28,7 @@ import string
 from transformers import AutoTokenizer
 
 import config
+import prompt
 import sp_convert
 
 # the version of what this module writes: the demo model's cache is rebuilt when it changes
@@ -134,15 +135,10 @@ def chat_template(end_is_token, prefix_after_token):
     return "\n".join(lines) + "\n"
 
 
-def end_token_id(tokenizer):
-    """The id of END_MARKER where it is one added token of ``tokenizer``, else None."""
-    return tokenizer.get_added_vocab().get(config.END_MARKER)
-
-
 def prefixes_after_token(tokenizer):
     """Whether ``tokenizer`` gives the text after an added token its own dummy prefix: the ids of
     END_MARKER + TURN_SEPARATOR equal the marker's id followed by the separator's ids alone."""
-    end = end_token_id(tokenizer)
+    end = prompt.end_marker_id(tokenizer)
     if end is None:
         return False
     alone = tokenizer(config.TURN_SEPARATOR, add_special_tokens=False)["input_ids"]
@@ -152,7 +148,7 @@ def prefixes_after_token(tokenizer):
 
 def template_for(tokenizer):
     """The chat template for the tokenizer as an engine loads it from the directory."""
-    return chat_template(end_token_id(tokenizer) is not None, prefixes_after_token(tokenizer))
+    return chat_template(prompt.end_marker_id(tokenizer) is not None, prefixes_after_token(tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ def template_for(tokenizer):
 def stop_ids(tokenizer):
     """The ids that end an answer: eos, '<s>' (the seed's stop) and the end marker where it is one token
     (chat.stop_token_ids, which this module cannot import without a cycle: the tests check they agree)."""
-    ids = [tokenizer.eos_token_id, tokenizer.bos_token_id, end_token_id(tokenizer)]
+    ids = [tokenizer.eos_token_id, tokenizer.bos_token_id, prompt.end_marker_id(tokenizer)]
     return sorted({i for i in ids if i is not None})
 
 
@@ -169,7 +165,7 @@ def generation_values(tokenizer, overrides=None):
     """The generation_config.json entries this project sets (``overrides``: more of them, e.g. the demo's
     greedy settings)."""
     values = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop_ids(tokenizer)}
-    if end_token_id(tokenizer) is None:
+    if prompt.end_marker_id(tokenizer) is None:
         values["stop_strings"] = [config.END_MARKER]
     values.update(overrides or {})
     return values

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 import packing
 
 
@@ -128,7 +129,7 @@ def make_engine(model, ds_config, attn_implementation, dtype, loss_chunk, fused_
     module = LossModule(model, attn_implementation, dtype, loss_chunk, fused_loss)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if distributed.is_partitioned(model.parameters()):
         quiet_zero3_collectives()
         # ZeRO-3: the loss uses the output layer's weight outside that layer's forward (forward_loss_sum),
         # so DeepSpeed is told to gather it for LossModule's forward and backward as well

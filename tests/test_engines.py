@@ -3,7 +3,6 @@
 through the official openai client word for word as `inference.py --demo` prints them (greedy), with
 continuous batching on a paged cache sized for a CPU."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,13 @@ import pytest
 
 import config
 from conftest import CANNED_ANSWERS, REPO, kill_tree
+from test_serving import free_port
 
 # transformers' own CLI entry point (the `transformers` command), run with this interpreter
 SERVE = [sys.executable, "-m", "transformers.cli.transformers", "serve"]
 # continuous batching sized for a CPU (its defaults assume a GPU's memory)
 CPU_BATCHING = ["--continuous-batching", "--cb-block-size", "64", "--cb-num-blocks", "32",
                 "--cb-max-batch-tokens", "512"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(model_dir, port, extra, log_path, timeout=300):
