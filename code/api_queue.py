@@ -59,10 +59,13 @@ class Job:
 
     def emit(self, kind, payload=None):
         try:
-            event = (kind, payload) if self.tag is None else (self.tag, kind, payload)
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.put, kind, payload)
         except RuntimeError:   # the event loop is gone (server shutting down)
             pass
+
+    def put(self, kind, payload=None):
+        """The event into the queue: in the event loop's thread only (``emit`` is for other threads)."""
+        self.events.put_nowait((kind, payload) if self.tag is None else (self.tag, kind, payload))
 
     def attach(self, reply):
         with self._lock:
@@ -87,25 +90,6 @@ class Job:
             canceller = self.canceller
         if canceller is not None:
             canceller()
-
-
-class SyncJob(Job):
-    """A Job read from a plain thread (the web demo's handler) instead of an event loop: iterate over it
-    for its events, the last one ('done', Outcome) or ('error', exception)."""
-
-    def __init__(self, prepared, request):
-        super().__init__(prepared, request, None)
-        self.events = queue.Queue()
-
-    def emit(self, kind, payload=None):
-        self.events.put((kind, payload))
-
-    def __iter__(self):
-        while True:
-            event = self.events.get()
-            yield event
-            if event[0] != "text":
-                return
 
 
 def sampling_values(settings, vocab):
@@ -173,8 +157,9 @@ class Batcher:
     (which decodes and applies the end marker and stop strings; a job that ends early is cancelled in
     the batch)."""
 
-    def __init__(self, model, tokenizer, on_end, sizes, defaults):
+    def __init__(self, model, tokenizer, on_end, sizes, defaults, round=contextlib.nullcontext):
         self.tokenizer, self.on_end = copy.deepcopy(tokenizer), on_end   # the dispatcher's own tokenizer
+        self.round = round
         self.eos = chat.stop_token_ids(tokenizer)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         sizes = dict(sizes)
@@ -232,6 +217,10 @@ class Batcher:
         self._end(rid, None, cancelled=True)
 
     def _dispatch(self):
+        """Each round takes every result waiting and advances each request once, to its latest result (a
+        result holds all its tokens so far): a dispatcher that falls behind the batch catches up in one
+        round, sending fewer, longer pieces.  ``round()`` wraps each round (the engine process sends a
+        round's events in one message)."""
         while not self.closed:
             out = self.manager.get_result(timeout=0.5)
             if out is None:
@@ -239,14 +228,20 @@ class Batcher:
                     self._fail_all(RuntimeError("the batch generation loop stopped"))
                     time.sleep(0.5)
                 continue
-            with self.lock:
-                run = self.runs.get(out.request_id)
-            if run is None:   # ended already (cancelled, or cut by a stop string)
-                continue
-            try:
-                self._advance(out.request_id, run, out)
-            except Exception as e:   # never let the dispatcher die
-                self._end(out.request_id, None, error=e)
+            latest = {}
+            while out is not None:
+                latest[out.request_id] = out
+                out = self.manager.get_result(timeout=0)
+            with self.round():
+                for rid, out in latest.items():
+                    with self.lock:
+                        run = self.runs.get(rid)
+                    if run is None:   # ended already (cancelled, or cut by a stop string)
+                        continue
+                    try:
+                        self._advance(rid, run, out)
+                    except Exception as e:   # never let the dispatcher die
+                        self._end(rid, None, error=e)
 
     def _advance(self, rid, run, out):
         run.started = True
@@ -302,79 +297,108 @@ class Batcher:
             self.manager.stop(block=True, timeout=10, hard_stop=True)
 
 
-class Engine:
-    """Runs Jobs: in the batch when the model and the request allow it, else one at a time in a worker
-    thread (in arrival order, the batch paused meanwhile)."""
+class Capacity:
+    """Requests accepted and not ended, against the batch's slots and the waiting room: beyond both a
+    429 with a Retry-After of about one request's time.  Counts how requests ended (for /health)."""
 
-    def __init__(self, model, tokenizer, max_waiting, notice=note, defaults=None):
-        """``defaults``: the server's chat.generation_settings (what requests leave out); a batch that
-        samples with the server's own settings takes them."""
-        self.tokenizer, self.max_waiting = tokenizer, max_waiting
-        self.model, refusal = batchable_model(model, notice)
-        self.batcher = None
-        if refusal is None:
-            self.batcher = Batcher(self.model, tokenizer, self._ended, batch_sizes(self.model),
-                                   defaults or chat.default_settings())
-        else:
-            notice(f"serving one request at a time: {refusal}")
-        self.slots = self.batcher.slots if self.batcher else 1
-        self.jobs = queue.Queue()
-        self.state = threading.Lock()
-        self.pending, self.queued, self.busy = 0, 0, False   # accepted and not ended; waiting for the worker
+    def __init__(self, slots, max_waiting):
+        self.slots, self.max_waiting = slots, max_waiting
+        self.lock = threading.Lock()
+        self.pending = 0                                     # accepted and not ended
         self.seconds = None                                  # mean seconds a request takes (moving average)
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
-        threading.Thread(target=self._work, name="cutegpt-generation", daemon=True).start()
 
     def retry_after(self):
         """Seconds a refused client should wait: about one request's time (at least config's minimum)."""
         return max(int(config.SERVER["retry_after_min_s"]), math.ceil(self.seconds or 0))
 
     def check_room(self):
-        with self.state:
+        with self.lock:
             if self.pending >= self.slots + self.max_waiting:
                 waiting = self.pending - self.slots
                 raise ApiError(429, f"the server is busy: {self.slots} requests are being answered and {waiting} "
                                     f"are waiting; retry after {self.retry_after()} s", code="server_busy",
                                retry_after=self.retry_after())
 
-    def submit(self, job):
+    def accept(self, job):
         job.started = time.monotonic()
-        with self.state:
+        with self.lock:
             self.pending += 1
+
+    def ended(self, job, key):
+        """``key``: finished, cancelled or failed.  Called before the job's last event is sent, so that a
+        client that sees its end sees it counted."""
+        took = time.monotonic() - job.started
+        with self.lock:
+            self.pending -= 1
+            self.counts[key] += 1
+            self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
+
+
+def describe(error):
+    """An error event's payload as the client is told it: 'TypeName: message'."""
+    return str(error) if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+
+
+class EngineError(Exception):
+    """A failure told by the engine's process (api_process), its message already 'TypeName: message'."""
+
+
+class Engine:
+    """Runs Jobs: in the batch when the model and the request allow it, else one at a time in a worker
+    thread (in arrival order, the batch paused meanwhile)."""
+
+    def __init__(self, model, tokenizer, max_waiting, notice=note, defaults=None, round=contextlib.nullcontext):
+        """``defaults``: the server's chat.generation_settings (what requests leave out); a batch that
+        samples with the server's own settings takes them.  ``round``: see Batcher._dispatch."""
+        self.tokenizer = tokenizer
+        self.model, refusal = batchable_model(model, notice)
+        self.batcher = None
+        if refusal is None:
+            self.batcher = Batcher(self.model, tokenizer, self._ended, batch_sizes(self.model),
+                                   defaults or chat.default_settings(), round)
+        else:
+            notice(f"serving one request at a time: {refusal}")
+        self.slots = self.batcher.slots if self.batcher else 1
+        self.room = Capacity(self.slots, max_waiting)
+        self.check_room = self.room.check_room
+        self.jobs = queue.Queue()
+        self.queued = 0   # jobs waiting for the one-at-a-time worker
+        threading.Thread(target=self._work, name="cutegpt-generation", daemon=True).start()
+
+    def submit(self, job):
+        self.room.accept(job)
         refusal = self.batcher.refusal(job.request) if self.batcher else "no batching"
         if refusal is None:
             try:
                 self.batcher.add(job)
                 return
             except Exception as e:
-                job.emit("error", e)
                 self._ended(job, "failed")
+                job.emit("error", e)
                 return
-        with self.state:
+        with self.room.lock:
             self.queued += 1
         self.jobs.put(job)
 
     def status(self):
-        with self.state:
+        with self.room.lock:
             waiting = self.queued + (self.batcher.waiting() if self.batcher else 0)
-            return {"waiting": waiting, "running": self.pending - waiting, "busy": self.pending > waiting,
-                    "batching": self.batcher is not None, **self.counts}
+            pending = self.room.pending
+            return {"waiting": waiting, "running": pending - waiting, "busy": pending > waiting,
+                    "batching": self.batcher is not None, **self.room.counts}
 
     def close(self):
         if self.batcher is not None:
             self.batcher.close()
 
     def _ended(self, job, key):
-        took = time.monotonic() - job.started
-        with self.state:
-            self.pending -= 1
-            self.counts[key] += 1
-            self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
+        self.room.ended(job, key)
 
     def _work(self):
         while True:
             job = self.jobs.get()
-            with self.state:
+            with self.room.lock:
                 self.queued -= 1
             try:
                 with self.batcher.paused() if self.batcher else contextlib.nullcontext():

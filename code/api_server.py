@@ -24,7 +24,8 @@ CuteGPT prompt through prompt.split_messages and chat.build_prompt, the code inf
 training use: a system message replaces the meta prompt, user/assistant pairs are the history.
 
 The wire format (errors, request fields, answer shapes) is in api_protocol.py, the engine in
-api_queue.py.  Concurrent requests are generated together (transformers' continuous batching, sized
+api_queue.py; the server runs it in a process of its own (api_process.py), create_app in this one
+(the web demo, tests).  Concurrent requests are generated together (transformers' continuous batching, sized
 by config.SERVER['batching']); beyond those, at most config.SERVER['max_waiting'] wait, more get 429
 with Retry-After.  A client that disconnects gives up its place, or stops its generation before the
 next step.  Defaults: config.SERVER and config.GENERATION.
@@ -50,12 +51,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import chat
 import config
 import data_io
-import demo_model
 import model_loader
 import prompt
 from api_protocol import (CHAT, COMPLETION, ApiError, bad_request, check_choices, choice, completion_prompts,
                           context_error, generation_request, sse, sse_error, usage, whole_answer)
-from api_queue import Engine, Job
+from api_process import ProcessEngine
+from api_queue import Engine, Job, describe
 from data_io import DataError, note
 
 
@@ -63,15 +64,16 @@ from data_io import DataError, note
 # the endpoints
 # ----------------------------------------------------------------------------------------------
 class Endpoints:
-    """What every endpoint shares: the served model's name and context, the API key, the queue and
+    """What every endpoint shares: the served model's name and context, the API key, the engine and
     the request threads' tokenizer.  One method per route."""
 
-    def __init__(self, model, tokenizer, model_name, api_key, memory_limit, defaults, max_waiting, poll_s):
+    def __init__(self, engine, tokenizer, context_length, vocab_size, model_name, api_key, memory_limit, defaults,
+                 poll_s):
+        """``engine``: api_queue.Engine (in this process) or api_process.ProcessEngine; ``vocab_size``:
+        the token ids a prompt may hold; ``defaults``: the settings for what a request leaves out."""
         self.model_name, self.api_key, self.memory_limit, self.poll_s = model_name, api_key, memory_limit, poll_s
-        self.defaults = dict(defaults or server_defaults())
-        self.context_length = chat.context_length_of(model, tokenizer)
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]   # token ids a prompt may hold
-        self.engine = Engine(model, tokenizer, max_waiting, defaults=self.defaults)
+        self.engine, self.defaults = engine, defaults
+        self.context_length, self.vocab_size = context_length, vocab_size
         # prompts are tokenized in request threads while the generation thread decodes: each side has
         # its own copy of the tokenizer, and request threads take turns on theirs
         self.tokenizer, self.tokenizer_lock = copy.deepcopy(tokenizer), threading.Lock()
@@ -158,7 +160,7 @@ class Endpoints:
                 if event == "text":
                     texts[index].append(payload)
                 elif event == "error":
-                    raise ApiError(500, f"generation failed: {type(payload).__name__}: {payload}")
+                    raise ApiError(500, f"generation failed: {describe(payload)}")
                 else:
                     outcomes[index] = payload
         if None in outcomes:   # the client went away
@@ -181,7 +183,7 @@ class Endpoints:
                 if name == "text":
                     yield event([choice(kind, payload, None, index=index)])
                 elif name == "error":
-                    yield sse_error(ApiError(500, f"generation failed: {type(payload).__name__}: {payload}"))
+                    yield sse_error(ApiError(500, f"generation failed: {describe(payload)}"))
                     break
                 else:
                     outcomes.append(payload)
@@ -241,8 +243,12 @@ class Endpoints:
         return self.model_card()
 
     async def health(self):
-        """Liveness and queue state; open without the API key (it tells nothing about the data)."""
-        return {"status": "ok", "model": self.model_name, **self.engine.status()}
+        """Liveness and queue state; open without the API key (it tells nothing about the data).  503
+        when the engine's process has stopped."""
+        status = self.engine.status()
+        if status.get("engine") == "stopped":
+            return JSONResponse({"status": "error", "model": self.model_name, **status}, status_code=503)
+        return {"status": "ok", "model": self.model_name, **status}
 
 
 def server_defaults(demo=False):
@@ -290,9 +296,19 @@ async def server_error(request, error):
 def create_app(model, tokenizer, model_name=config.SERVER["model_name"], api_key=None,
                memory_limit=config.MEMORY_LIMIT, defaults=None, max_waiting=config.SERVER["max_waiting"],
                poll_s=config.SERVER["disconnect_poll_s"]):
-    """The FastAPI app serving ``model``.  ``defaults``: chat.generation_settings for fields a
-    request leaves out (``server_defaults()`` when None)."""
-    endpoints = Endpoints(model, tokenizer, model_name, api_key, memory_limit, defaults, max_waiting, poll_s)
+    """The FastAPI app serving ``model`` from this process (the engine in a thread: the web demo, tests).
+    ``defaults``: chat.generation_settings for fields a request leaves out (``server_defaults()`` when None)."""
+    defaults = dict(defaults or server_defaults())
+    engine = Engine(model, tokenizer, max_waiting, defaults=defaults)
+    return app_over(engine, tokenizer, chat.context_length_of(model, tokenizer),
+                    model.get_input_embeddings().weight.shape[0], model_name, api_key, memory_limit, defaults, poll_s)
+
+
+def app_over(engine, tokenizer, context_length, vocab_size, model_name, api_key, memory_limit, defaults,
+             poll_s=config.SERVER["disconnect_poll_s"]):
+    """The FastAPI app over ``engine`` (see Endpoints); the engine is closed when the server ends."""
+    endpoints = Endpoints(engine, tokenizer, context_length, vocab_size, model_name, api_key, memory_limit,
+                          defaults, poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -383,11 +399,10 @@ def main(argv=None):
         check_port_free(args.host, args.port)
         if not is_loopback(args.host) and args.api_key is None:
             note(f"listening on {args.host} without --api_key: anyone who reaches this address can use the model")
-        model, tokenizer = model_loader.load_from_args(args)
-        if args.demo:
-            print(demo_model.toy_notice(model), flush=True)
-        app = create_app(model, tokenizer, args.model_name, args.api_key, args.memory_limit,
-                         server_defaults(args.demo), args.max_waiting)
+        defaults = server_defaults(args.demo)
+        engine = ProcessEngine(args, args.max_waiting, defaults)   # loads the model in its own process
+        app = app_over(engine, engine.tokenizer, engine.context_length, engine.vocab_size, args.model_name,
+                       args.api_key, args.memory_limit, defaults)
     except DataError as e:
         data_io.fail(str(e))
     print(f"CuteGPT API: http://{args.host}:{args.port}/v1 (model {args.model_name!r}"

@@ -216,6 +216,11 @@ SERVER = {
     # batch cannot apply one (its processors see a step's tokens, not a request's history), so
     # inference.py's 1.1 here would make every such request run alone and serving many users pointless.
     "repetition_penalty": 1.0,
+    # api_server.py generates in a process of its own (api_process.py) while its first process answers
+    # HTTP: tokenizing prompts, streaming every token as an event.  On a CPU the engine's matrix
+    # products take this many threads; None = every core but one, which is left to the HTTP side
+    # (on 2 cores: 1 + 1; torch's default, all cores, had both sides fight for them).
+    "engine_cpu_threads": None,
     # a 429's Retry-After: the mean seconds a request has taken lately (at least this many)
     "retry_after_min_s": 1,
     "disconnect_poll_s": 0.5,      # how often a waiting or streaming request checks its client is there

@@ -376,17 +376,22 @@ def model_choice(args):
     return args.model_path, lora
 
 
-def load_from_args(args, notice=data_io.note):
-    """(model, tokenizer) for parsed model flags; --demo builds the toy model first when needed."""
+def load_spec(args):
+    """load_model_and_tokenizer's arguments for parsed model flags; --demo builds the toy model first
+    when needed."""
     if getattr(args, "demo", False):
         model_path, lora_path = demo_model.ensure_demo_model(args.demo_dir), None
         quant, device = "fp32", args.device or "cpu"
     else:
         model_path, lora_path = model_choice(args)
         quant, device = args.quant, args.device
-    return load_model_and_tokenizer(model_path, lora_path=lora_path, quant=quant, device=device,
-                                    attn_implementation=args.attn_implementation, notice=notice,
-                                    fast=getattr(args, "fast", False))
+    return dict(model_path=model_path, lora_path=lora_path, quant=quant, device=device,
+                attn_implementation=args.attn_implementation, fast=getattr(args, "fast", False))
+
+
+def load_from_args(args, notice=data_io.note):
+    """(model, tokenizer) for parsed model flags; --demo builds the toy model first when needed."""
+    return load_model_and_tokenizer(**load_spec(args), notice=notice)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ and config.GENERATION (settings).  Nothing is fetched from the internet: the pag
 and gradio's analytics are off.
 """
 import argparse
+import queue
 import threading
 
 import api_server   # its listen flags and port check
@@ -28,10 +29,29 @@ import demo_model
 import model_loader
 import prompt
 from api_protocol import ApiError, GenerationRequest
-from api_queue import Engine, SyncJob
+from api_queue import Engine, Job, describe
 from data_io import DataError
 
 TITLE = "CuteGPT"
+
+
+class SyncJob(Job):
+    """A Job read from a plain thread (the page's handler) instead of an event loop: iterate over it for
+    its events, the last one ('done', Outcome) or ('error', exception)."""
+
+    def __init__(self, prepared, request):
+        super().__init__(prepared, request, None)
+        self.events = queue.Queue()
+
+    def emit(self, kind, payload=None):
+        self.events.put((kind, payload))
+
+    def __iter__(self):
+        while True:
+            event = self.events.get()
+            yield event
+            if event[0] != "text":
+                return
 
 
 def conversation(history, query, system):
@@ -77,7 +97,7 @@ def responder(engine, tokenizer, defaults, context_length):
         try:
             for kind, payload in job:
                 if kind == "error":
-                    raise gr.Error(f"generation failed: {type(payload).__name__}: {payload}")
+                    raise gr.Error(f"generation failed: {describe(payload)}")
                 if kind == "text":
                     answer += payload
                     history[-1] = {"role": "assistant", "content": answer}

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -383,9 +384,28 @@ def test_16_concurrent_requests_get_their_solo_answers(api, client, demo_data):
     assert run(requests[0]) == alone[0]    # and it keeps serving
 
 
+def children(pid):
+    """The process ids ``pid`` started (Linux)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def engine_pid(pid):
+    """The engine process of the API server ``pid`` (api_process: generation runs there)."""
+    for child in children(pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():   # (not multiprocessing's resource tracker)
+                return child
+    raise AssertionError(f"the server {pid} has no engine process")
+
+
 def server_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    """The server's memory: its own and its engine process's."""
+    total = 0
+    for one in [pid] + children(pid):
+        with open(f"/proc/{one}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return total / 1024
 
 
 def test_a_burst_of_200_requests_is_answered_or_refused(api):
@@ -435,6 +455,43 @@ def test_bench_serve_measures_a_running_server(api, tmp_path):
         assert f"| {row['clients']} | {row['requests']} | {row['tok_per_s']} |" in proc.stdout
     assert f"ratio 3 clients / 1 client: {report['ratio']:.2f}x" in proc.stdout
     assert run_script(["bench/bench_serve.py", "--clients", "0"]).returncode == 2
+
+
+def test_the_engine_process_ends_with_the_server_and_its_loss_is_told(demo_run, demo_data, tmp_path):
+    """Generation runs in a process of its own.  Killed, its requests end with an error naming it, /health
+    answers 503 and new requests a clear 500; a server that is killed (no shutdown) takes it along."""
+    import openai
+
+    ports = [free_port(), free_port()]
+    servers = [Process(demo_command(demo_data, demo_run[2], "--port", str(port), script="code/api_server.py"),
+                       str(tmp_path / f"server{port}.log"), f"http://127.0.0.1:{port}/health") for port in ports]
+    try:
+        engines = [engine_pid(server.proc.pid) for server in servers]
+        # the first: its engine dies in the middle of an answer
+        base = f"http://127.0.0.1:{ports[0]}"
+        with openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+            stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUERY}],
+                                               max_tokens=400, stream=True)
+            next(iter(stream))
+            os.kill(engines[0], signal.SIGKILL)
+            with pytest.raises(openai.APIError, match="the model process stopped"):
+                list(stream)
+            health = httpx.get(base + "/health")
+            assert health.status_code == 503 and health.json()["engine"] == "stopped"
+            with pytest.raises(openai.InternalServerError, match="the model process stopped .* restart the server"):
+                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUERY}])
+        # the second is killed outright: its engine notices the closed pipe and ends
+        servers[1].proc.kill()
+        servers[1].proc.wait()
+        deadline = time.time() + 30
+        while os.path.exists(f"/proc/{engines[1]}") and open(f"/proc/{engines[1]}/stat").read().split()[2] != "Z":
+            assert time.time() < deadline, "the engine process outlived its server"
+            time.sleep(0.2)
+        servers[0].stop()   # a normal stop ends the server (its engine already gone)
+        assert servers[0].proc.returncode is not None
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @pytest.mark.slow
