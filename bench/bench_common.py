@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -152,10 +153,32 @@ def build_tiny_model(out_dir):
     return out_dir
 
 
+def prepare_model_dir(shape, directory, tokenizer_dir):
+    """config.json of the shape + the tokenizer files: what --model_path points at (weights added later
+    by save_random_weights when a variant loads them)."""
+    os.makedirs(directory, exist_ok=True)
+    llama_config(shape, pad_token_id=0).save_pretrained(directory)
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(tokenizer_dir, name), directory)
+    return directory
+
+
+def build_tokenizer(directory):
+    """The tiny model of code/build_tiny_model.py (its SentencePiece tokenizer is the one used)."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+        build_tiny_model(directory)
+    return directory
+
+
+def has_weights(model_dir):
+    return any(os.path.isfile(os.path.join(model_dir, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def save_random_weights(model_dir, device, dtype, seed, attn_implementation=None):
     """Random weights (seeded) saved into ``model_dir`` once, for the variants that load them (bitsandbytes
     quantizes only while loading); returns the seconds spent, 0 when they were there already."""
-    if any(os.path.isfile(os.path.join(model_dir, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+    if has_weights(model_dir):
         return 0.0
     start = time.perf_counter()
     torch.manual_seed(seed)

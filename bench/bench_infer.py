@@ -42,7 +42,6 @@ every variant, so a time-out keeps what was measured.
 import argparse
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import threading
@@ -114,24 +113,6 @@ def check_packages(variant_list):
 # ----------------------------------------------------------------------------------------------
 # model directory, weights
 # ----------------------------------------------------------------------------------------------
-def prepare_model_dir(shape, directory, tokenizer_dir):
-    """config.json of the shape + the tokenizer files: what --model_path points at (weights added later
-    by bench_common.save_random_weights when a variant loads them)."""
-    os.makedirs(directory, exist_ok=True)
-    bench_common.llama_config(shape, pad_token_id=0).save_pretrained(directory)
-    for name in os.listdir(tokenizer_dir):
-        if name.startswith("tokenizer") or name == "special_tokens_map.json":
-            shutil.copy(os.path.join(tokenizer_dir, name), directory)
-    return directory
-
-
-def build_tokenizer(directory):
-    """The tiny model of code/build_tiny_model.py (its SentencePiece tokenizer is the one used)."""
-    if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-        bench_common.build_tiny_model(directory)
-    return directory
-
-
 def random_model(model_dir, device, dtype, seed):
     """A model of the directory's config with seeded random weights, built directly on ``device``."""
     torch.manual_seed(seed)
@@ -371,8 +352,8 @@ def run_variants(opts, device, report, started):
     """Every variant in order on one model directory; a failing variant is recorded and the next runs."""
     results = report["variants"]
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
-        tokenizer_dir = build_tokenizer(os.path.join(tmp, "tiny_tokenizer"))
-        model_dir = prepare_model_dir(report["shape"], opts.weights_dir or os.path.join(tmp, "model"), tokenizer_dir)
+        tokenizer_dir = bench_common.build_tokenizer(os.path.join(tmp, "tiny_tokenizer"))
+        model_dir = bench_common.prepare_model_dir(report["shape"], opts.weights_dir or os.path.join(tmp, "model"), tokenizer_dir)
         for name in opts.variant_list:
             try:
                 result = run_variant(name, opts, model_dir, device)

@@ -6,8 +6,11 @@ first token, and the throughput of the most clients over one client.
     # the toy model on this machine: 1, 4 and 16 clients, each sending 4 requests back to back
     python bench/bench_serve.py
 
-    # a server already running (e.g. the 13B shape on a GPU), 1, 16 and 64 clients
+    # a server already running, 1, 16 and 64 clients
     python bench/bench_serve.py --url http://127.0.0.1:8000 --clients 1,16,64 --json serve.json
+
+    # LLaMA-13B's shape with random weights (bf16 on a GPU; written once into --weights_dir, 26 GB)
+    python bench/bench_serve.py --shape 13b --weights_dir /tmp/serve_13b --clients 1,16,64
 
 Every request is a streamed chat completion (temperature 0, --max_tokens, usage included) of a question
 from the sample dialogues, the clients cycling through them.  Latency: request sent to the last event;
@@ -46,6 +49,11 @@ def parse_args(argv=None):
                                                "starting code/api_server.py --demo")
     p.add_argument("--api_key", default=None, help="the server's --api_key, if it has one")
     p.add_argument("--server_args", default="", help="more flags for the started server, e.g. '--demo_dir DIR'")
+    p.add_argument("--shape", choices=["13b", "tiny"], default=None,
+                   help="serve a model of this shape with random weights instead of the toy model (bf16 on a "
+                        "GPU, fp32 on a CPU; random answers run to --max_tokens)")
+    p.add_argument("--weights_dir", default=None, help="with --shape: the model directory, its weights written "
+                                                       "once (default: a temporary one, removed at the end)")
     p.add_argument("--clients", default="1,4,16", help="numbers of concurrent clients (default: %(default)s)")
     p.add_argument("--requests_per_client", type=int, default=4, help="requests each client sends back to "
                                                                       "back (default: %(default)s)")
@@ -64,6 +72,10 @@ def parse_args(argv=None):
         p.error("--clients: every number must be 1 or more")
     if args.requests_per_client < 1 or args.max_tokens < 1 or args.repeats < 1:
         p.error("--requests_per_client, --max_tokens and --repeats must be 1 or more")
+    if args.shape and args.url:
+        p.error("--shape starts a server: leave out --url")
+    if args.weights_dir and not args.shape:
+        p.error("--weights_dir goes with --shape")
     return args
 
 
@@ -72,12 +84,33 @@ def questions():
     return [dialogue[0]["instruction"] for dialogue in dialogues]
 
 
-def start_server(server_args, log_path):
-    """`python code/api_server.py --demo` on a free port, its output in ``log_path``; (process, base url)."""
+def shape_model(shape, directory):
+    """Server flags for a model of ``shape`` with seeded random weights in ``directory`` (written once) and
+    the tiny SentencePiece tokenizer."""
+    import torch
+
+    import bench_common
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant, dtype = ("bf16", torch.bfloat16) if device == "cuda" else ("fp32", torch.float32)
+    if os.path.isfile(os.path.join(directory, "config.json")) and bench_common.has_weights(directory):
+        print(f"serving the model already in {directory} ({quant}, {device})", flush=True)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_dir = bench_common.build_tokenizer(os.path.join(tmp, "tokenizer"))
+            bench_common.prepare_model_dir(bench_common.shape_of(shape), directory, tokenizer_dir)
+        print(f"random {shape} weights into {directory} ({quant}, {device}) ...", flush=True)
+        bench_common.save_random_weights(directory, torch.device(device), dtype, seed=0)
+    return ["--model_path", directory, "--lora_path", "none", "--quant", quant, "--device", device]
+
+
+def start_server(model_flags, server_args, log_path):
+    """`python code/api_server.py MODEL_FLAGS` on a free port, its output in ``log_path``; (process, base url)."""
     port = distributed.free_port()
-    command = [sys.executable, "code/api_server.py", "--demo", "--port", str(port)] + shlex.split(server_args)
-    print(f"starting {' '.join(command[1:])} (its output: {log_path}); a first --demo builds the toy model "
-          f"into {config.DEMO['cache_dir']} (a few minutes on a CPU) ...", flush=True)
+    command = [sys.executable, "code/api_server.py", *model_flags, "--port", str(port)] + shlex.split(server_args)
+    print(f"starting {' '.join(command[1:])} (its output: {log_path})"
+          + (f"; a first --demo builds the toy model into {config.DEMO['cache_dir']} (a few minutes on a CPU)"
+             if "--demo" in model_flags else "") + " ...", flush=True)
     with open(log_path, "w", encoding="utf-8") as log:   # a file, not a pipe nobody reads while it runs
         proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -85,7 +118,7 @@ def start_server(server_args, log_path):
     while time.time() < deadline:
         if proc.poll() is not None:
             with open(log_path, encoding="utf-8", errors="replace") as log:
-                raise data_io.DataError(f"code/api_server.py --demo exited: {log.read()[-2000:]}")
+                raise data_io.DataError(f"code/api_server.py exited: {log.read()[-2000:]}")
         try:
             if httpx.get(base + "/health", timeout=2).status_code == 200:
                 return proc, base
@@ -93,7 +126,7 @@ def start_server(server_args, log_path):
             pass
         time.sleep(0.5)
     proc.kill()
-    raise data_io.DataError(f"code/api_server.py --demo did not come up within 30 minutes (see {log_path})")
+    raise data_io.DataError(f"code/api_server.py did not come up within 30 minutes (see {log_path})")
 
 
 async def one_request(session, url, question, max_tokens):
@@ -144,11 +177,15 @@ async def round_of(base, api_key, clients, per_client, max_tokens, asked):
 
 def main(argv=None):
     args = parse_args(argv)
-    proc = None
+    proc, weights = None, None
     try:
         base = args.url.rstrip("/") if args.url else None
         if base is None:
-            proc, base = start_server(args.server_args, args.server_log)
+            model_flags = ["--demo"]
+            if args.shape:
+                weights = None if args.weights_dir else tempfile.TemporaryDirectory()
+                model_flags = shape_model(args.shape, args.weights_dir or weights.name)
+            proc, base = start_server(model_flags, args.server_args, args.server_log)
         asked = questions()
         asyncio.run(round_of(base, args.api_key, 2, 1, 8, asked))   # warm-up, not counted
         rows = []
@@ -175,6 +212,7 @@ def main(argv=None):
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
         if args.json:
             data_io.atomic_write_json(args.json, {"rows": rows, "ratio": round(ratio, 2), "url": base,
+                                                  "model": args.shape or ("demo" if proc else "running server"),
                                                   "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
                                                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")})
     except (data_io.DataError, httpx.HTTPError) as e:
@@ -186,6 +224,8 @@ def main(argv=None):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if weights is not None:
+            weights.cleanup()
 
 
 if __name__ == "__main__":

@@ -494,6 +494,24 @@ def test_the_engine_process_ends_with_the_server_and_its_loss_is_told(demo_run, 
             server.stop()
 
 
+def test_bench_serve_starts_a_model_of_a_shape(tiny_model_dir, tmp_path):
+    """--shape serves a model directory of that shape (written once into --weights_dir; here the tiny model is
+    already there, as a second run finds it) instead of the toy model."""
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, weights)
+    out = tmp_path / "serve.json"
+    proc = run_script(["bench/bench_serve.py", "--shape", "tiny", "--weights_dir", str(weights), "--clients", "1,2",
+                       "--requests_per_client", "1", "--max_tokens", "6", "--repeats", "1", "--json", str(out),
+                       "--server_log", str(tmp_path / "server.log")], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"serving the model already in {weights} (fp32, cpu)" in proc.stdout
+    assert f"--model_path {weights} --lora_path none --quant fp32 --device cpu" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and [r["requests"] for r in report["rows"]] == [1, 2]
+    assert all(0 < r["tokens"] <= 6 * r["requests"] for r in report["rows"])
+    assert run_script(["bench/bench_serve.py", "--weights_dir", str(weights)]).returncode == 2
+
+
 @pytest.mark.slow
 def test_cli_errors(model_dir, tmp_path):
     proc = run_script(["code/api_server.py", "--demo", "--model_path", model_dir])
