@@ -119,7 +119,7 @@ def engine_main(spec, demo, max_waiting, defaults, conn):
     except DataError as e:
         send.send({"failed": str(e)})
         return
-    send.send({"ready": {"tokenizer": tokenizer.name_or_path, "slots": engine.slots,
+    send.send({"ready": {"tokenizer": tokenizer.name_or_path, "tokens": len(tokenizer), "slots": engine.slots,
                          "context_length": chat.context_length_of(model, tokenizer),
                          "vocab_size": model.get_input_embeddings().weight.shape[0],
                          "batching": engine.batcher is not None}})
@@ -174,8 +174,16 @@ class ProcessEngine:
                                        args=(spec, args.demo, max_waiting, dict(defaults), child))
         self.process.start()
         child.close()
-        info = self._started()
-        self.tokenizer = model_loader.load_tokenizer(info["tokenizer"])
+        try:
+            info = self._started()
+            self.tokenizer = model_loader.load_tokenizer(info["tokenizer"])
+            if len(self.tokenizer) != info["tokens"]:
+                raise DataError(f"the tokenizer of {info['tokenizer']} has {len(self.tokenizer)} tokens here and "
+                                f"{info['tokens']} in the model process: serve a local model directory")
+        except BaseException:   # (Ctrl-C while loading too) the engine process goes with the server
+            self.process.kill()
+            self.process.join()
+            raise
         self.context_length, self.vocab_size = info["context_length"], info["vocab_size"]
         self.slots, self.batching = info["slots"], info["batching"]
         self.room = Capacity(self.slots, max_waiting)
