@@ -76,14 +76,28 @@ def chunk_bounds(samples, batch_size):
 def paused_gc():
     """Pause the cyclic garbage collector: building millions of small lists triggers full collections
     that each walk every list in memory (removing the pause slows the conversion by well over 10%, see
-    BENCHMARKS.md); the objects built here hold no reference cycles."""
+    BENCHMARKS.md); the objects built here hold no reference cycles.  At the end the objects built meanwhile
+    join the oldest generation (``_tenure_young_objects``) instead of being walked once more by the
+    collection that re-enabling would start at the next allocation."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            _tenure_young_objects()
             gc.enable()
+
+
+def _tenure_young_objects():
+    """Move every tracked object into the oldest generation without a collection (freeze, then unfreeze:
+    two list splices).  Re-enabling the collector after a long pause would otherwise walk everything the
+    pause built (every element of every row list) at the next allocation, to find no cycle; the next full
+    collection still examines them.  Skipped where someone else has frozen objects (the unfreeze would
+    release theirs too)."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 def usable_cores():
