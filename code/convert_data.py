@@ -30,7 +30,7 @@ Speed: the segments are tokenized in chunks of config.TOKENIZE_BATCH by Sentence
 encode on --threads threads (default: one per usable core, config.CONVERT_THREADS) in a background
 thread, while this thread renders the next chunk and assembles the one before (dataset.tokenized_chunks).
 A sample is tokenized only up to the first segment that takes it to --max_length tokens
-(dataset.SegmentPrefixes): what follows would be truncated away, so it is never encoded.
+(segment_prefixes.SegmentPrefixes): what follows would be truncated away, so it is never encoded.
 The output does not depend on the number of threads.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
