@@ -52,9 +52,10 @@ ROW_LENGTH_MULTIPLE = 8
 # GIL, so beyond a few cores more threads only wait.  Any number gives the same bytes.
 CONVERT_THREADS = 0
 CONVERT_THREADS_MAX = 16
-# A sample is tokenized only as far as --max_length keeps (dataset.SegmentPrefixes): each round encodes
-# the segments that characters x (tokens per character so far) x this margin say are still needed.  The
-# ids never depend on it: a higher margin costs more rounds, a lower one segments encoded for nothing.
+# A sample is tokenized only as far as --max_length keeps (segment_prefixes.SegmentPrefixes): each round
+# encodes the segments that an estimate of their tokens (characters and UTF-8 bytes, fitted to the segments
+# encoded so far) x this margin says are still needed.  The ids never depend on it: a higher margin costs
+# more rounds, a lower one segments encoded for nothing.
 TRUNCATION_ESTIMATE_MARGIN = 1.0
 
 # ---- LoRA (peft) -- the seed's settings

@@ -30,7 +30,7 @@ Speed: the segments are tokenized in chunks of config.TOKENIZE_BATCH by Sentence
 encode on --threads threads (default: one per usable core, config.CONVERT_THREADS) in a background
 thread, while this thread renders the next chunk and assembles the one before (dataset.tokenized_chunks).
 A sample is tokenized only up to the first segment that takes it to --max_length tokens
-(dataset.SegmentPrefixes): what follows would be truncated away, so it is never encoded.
+(segment_prefixes.SegmentPrefixes): what follows would be truncated away, so it is never encoded.
 The output does not depend on the number of threads.
 
 --mode pretrain packs plain text instead, in the same ids format (meta "mode": "pretrain"): each
@@ -122,14 +122,15 @@ def load_tokenizer(path, special_end_token):
 
 def packing_counts(samples, packed, max_length, learned_tokens=None):
     """Rows and token counts of packed (input_ids, labels) samples, for the ids file's meta
-    (``learned_tokens``: the samples' learned tokens where already counted)."""
-    real = sum(len(ids) for ids, _ in samples)
+    (``learned_tokens``: the samples' learned tokens where already counted; then ``samples`` is not read)."""
     rows = len(packed["input_ids"])
     if learned_tokens is None:
         learned_tokens = sum(len(labels) - labels.count(packing.IGNORE_INDEX) for _, labels in samples)
+    real_per_row = [mask.count(1) for mask in packed["attention_mask"]]
+    real = sum(real_per_row)
     # training cuts each micro-batch to its longest row (packing.collate_rows); one row at a time that
     # is each row's own length, and the rows are spread evenly, so pairs of them differ by a few tokens
-    fed = sum(packing.fed_length(mask.count(1), max_length) for mask in packed["attention_mask"])
+    fed = sum(packing.fed_length(count, max_length) for count in real_per_row)
     return {"rows": rows, "real_tokens": real, "learned_tokens": learned_tokens,
             "pad_tokens": rows * max_length - real, "fed_positions": fed, "real_token_share": real / fed,
             "real_token_share_of_full_rows": real / (rows * max_length)}
@@ -161,8 +162,8 @@ def _convert(args, show_progress):
     if not kept:
         raise DataError(f"{args.data_file}: no sample has an answer token within --max_length "
                         f"{args.max_length}; raise --max_length")
-    packed = packing.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer))
-
+    # the kept samples' lists become the rows (no copy); nothing reads the samples afterwards
+    packed = packing.pack_samples(kept, args.max_length, dataset.pad_token_id_of(tokenizer), reuse_lists=True)
     counts = {
         "dialogues": len(dialogues),
         "turns": sum(len(d) for d in dialogues),

@@ -15,7 +15,6 @@ The --dataset_type names map to classes through DATASET_TYPES (never eval).
 import gc
 import hashlib
 import json
-import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import config
 import prompt
 from data_io import DataError
 from packing import IGNORE_INDEX, pack_samples, row_item
+from segment_prefixes import SegmentPrefixes
 
 IDS_FORMAT = "cutegpt-ids/1"
 # a fixed text whose ids fingerprint a tokenizer (recorded by convert_data, checked by training), and
@@ -76,14 +76,28 @@ def chunk_bounds(samples, batch_size):
 def paused_gc():
     """Pause the cyclic garbage collector: building millions of small lists triggers full collections
     that each walk every list in memory (removing the pause slows the conversion by well over 10%, see
-    BENCHMARKS.md); the objects built here hold no reference cycles."""
+    BENCHMARKS.md); the objects built here hold no reference cycles.  At the end the objects built meanwhile
+    join the oldest generation (``_tenure_young_objects``) instead of being walked once more by the
+    collection that re-enabling would start at the next allocation."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            _tenure_young_objects()
             gc.enable()
+
+
+def _tenure_young_objects():
+    """Move every tracked object into the oldest generation without a collection (freeze, then unfreeze:
+    two list splices).  Re-enabling the collector after a long pause would otherwise walk everything the
+    pause built (every element of every row list) at the next allocation, to find no cycle; the next full
+    collection still examines them.  Skipped where someone else has frozen objects (the unfreeze would
+    release theirs too)."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
 
 
 def usable_cores():
@@ -150,61 +164,6 @@ def tokenized_chunks(tokenizer, samples, template, rng, batch_size=config.TOKENI
             in_flight = (rendered, count, encoding)
         if in_flight is not None:
             yield finished(*in_flight)
-
-
-class SegmentPrefixes:
-    """Tokenizes the rendered segments of many samples, each sample only as far as ``max_length`` needs.
-
-    ``tokenize(rendered)`` returns, per sample, the ids of its segments from the first on: all of them
-    without a max_length; with one, those up to and including the first that takes the sample to
-    ``max_length`` tokens (the rest would be truncated away).  Token counts are only known after
-    encoding, so it works in rounds: each round sends every open sample's next segments, as many as an
-    estimate of their tokens (characters x the sample's own tokens per character so far, or before its
-    first round the conversion's, x config.TRUNCATION_ESTIMATE_MARGIN) says are still needed, to one
-    batched encode, then counts.  The
-    estimate only decides how much is encoded per round, never the ids: a low one costs another round, a
-    high one some segments encoded for nothing.  Chunks go through one instance in order, so the
-    estimate carries over from chunk to chunk.
-    """
-
-    def __init__(self, tokenizer, max_length=None, threads=None):
-        self.tokenizer, self.threads = tokenizer, threads
-        self.limit = math.inf if max_length is None else max_length
-        self.tokens, self.characters = 0, 0      # of all segments encoded so far: the estimate's base
-        self.rounds = self.encoded = 0           # counts, for the benchmark and the tests
-
-    def tokenize(self, rendered):
-        per_sample = [[] for _ in rendered]
-        length = [0] * len(rendered)
-        characters = [0] * len(rendered)
-        open_samples = range(len(rendered))
-        while open_samples:
-            # the first round of a conversion has no estimate: it encodes its samples whole
-            per_character = (self.tokens / self.characters * config.TRUNCATION_ESTIMATE_MARGIN
-                             if self.characters else 0.0)
-            texts, owners = [], []
-            for s in open_samples:
-                segments, guess = rendered[s], length[s]
-                ratio = guess / characters[s] * config.TRUNCATION_ESTIMATE_MARGIN if characters[s] else per_character
-                for k in range(len(per_sample[s]), len(segments)):
-                    text = segments[k][0]
-                    texts.append(text)
-                    owners.append(s)
-                    characters[s] += len(text)
-                    guess += len(text) * ratio
-                    if guess >= self.limit:
-                        break
-            token_lists = prompt.tokenize_segment_texts(self.tokenizer, texts, self.threads)
-            for s, ids in zip(owners, token_lists):
-                if length[s] < self.limit:     # (a segment after the limit was encoded on a low estimate)
-                    per_sample[s].append(ids)
-                    length[s] += len(ids)
-            self.tokens += sum(map(len, token_lists))
-            self.characters += sum(map(len, texts))
-            self.rounds, self.encoded = self.rounds + 1, self.encoded + len(texts)
-            open_samples = [s for s in open_samples
-                            if length[s] < self.limit and len(per_sample[s]) < len(rendered[s])]
-        return per_sample
 
 
 def tokenize_samples(tokenizer, samples, template, rng, batch_size=config.TOKENIZE_BATCH, threads=None):

@@ -88,13 +88,16 @@ BALANCE_ROUNDS = 2000        # at most this many moves/swaps (and 4 per row)
 BALANCE_CANDIDATES = 8       # shorter rows tried per move, shortest first
 
 
-def pack_samples(samples, max_length, pad_token_id):
+def pack_samples(samples, max_length, pad_token_id, reuse_lists=False):
     """Pack whole samples into rows of max_length, as few rows as best-fit decreasing needs, with the
     samples spread evenly over them (``_balanced_rows``; best fit as it is where spreading cannot
     fit them), and pad the rest.
 
     Returns a dict of row lists: input_ids, labels, attention_mask, sample_starts.  Real tokens come
-    first in every row, padding after them; rows are shuffled by the DataLoader anyway.
+    first in every row, padding after them; rows are shuffled by the DataLoader anyway.  With
+    ``reuse_lists`` each row is built in its first (longest) sample's own two lists, extended in place,
+    so most tokens are not copied once more into fresh memory: for a caller that has no further use for
+    the samples (their lists become rows).
     """
     lengths = [len(input_ids) for input_ids, _ in samples]
     rows = _best_fit_rows(lengths, max_length)
@@ -103,8 +106,11 @@ def pack_samples(samples, max_length, pad_token_id):
     # each row list is built once and padded in place (a concatenation would copy every row once more)
     padding, ignored, unmasked = [pad_token_id] * max_length, [IGNORE_INDEX] * max_length, [0] * max_length
     for members in rows:
-        input_ids, labels, starts = [], [], []
-        for i in members:
+        if reuse_lists:
+            (input_ids, labels), starts, rest = samples[members[0]], [0], members[1:]
+        else:
+            input_ids, labels, starts, rest = [], [], [], members
+        for i in rest:
             starts.append(len(input_ids))
             input_ids += samples[i][0]
             labels += samples[i][1]

@@ -57,22 +57,20 @@ def read_proto(path):
     return proto
 
 
-def _merges(proto, vocab):
-    """[(left, right)] in the order SentencePiece BPE applies them (see the module docstring)."""
-    ranked = []
-    for index, piece in enumerate(proto.pieces):
-        text = piece.piece
-        if len(text) < 2 or piece.type not in MERGEABLE:
-            continue
-        score = -piece.score
+def _merges(pieces, vocab):
+    """[(left, right)] in the order SentencePiece BPE applies them (see the module docstring); ``pieces``:
+    (text, type, score) of every piece, in id order."""
+    ranked = sorted((-score, index, text) for index, (text, kind, score) in enumerate(pieces)
+                    if kind in MERGEABLE and len(text) >= 2)
+    merges = []
+    for _, _, text in ranked:     # one piece's splits: the shorter left half first
         for cut in range(1, len(text)):
             left = text[:cut]
             if left in vocab:
                 right = text[cut:]
                 if right in vocab:
-                    ranked.append((score, index, cut, left, right))
-    ranked.sort()
-    return [(left, right) for _, _, _, left, right in ranked]
+                    merges.append((left, right))
+    return merges
 
 
 def _normalizer(spec):
@@ -96,12 +94,13 @@ def backend_from_proto(proto):
         raise NotConvertible("the SentencePiece model is not BPE (LLaMA's is); only BPE models are converted")
     if trainer.treat_whitespace_as_suffix:
         raise NotConvertible("the SentencePiece model treats whitespace as a suffix; not supported")
+    pieces = [(p.piece, p.type, p.score) for p in proto.pieces]   # one pass: reading a proto field is slow
     vocab = {}
-    for index, piece in enumerate(proto.pieces):
-        if vocab.setdefault(piece.piece, index) != index:
-            raise NotConvertible(f"the SentencePiece model holds piece {piece.piece!r} twice")
-    unk = next((p.piece for p in proto.pieces if p.type == Piece.UNKNOWN), None)
-    model = BPE(vocab=vocab, merges=_merges(proto, vocab), unk_token=unk, fuse_unk=True,
+    for index, (text, _, _) in enumerate(pieces):
+        if vocab.setdefault(text, index) != index:
+            raise NotConvertible(f"the SentencePiece model holds piece {text!r} twice")
+    unk = next((text for text, kind, _ in pieces if kind == Piece.UNKNOWN), None)
+    model = BPE(vocab=vocab, merges=_merges(pieces, vocab), unk_token=unk, fuse_unk=True,
                 byte_fallback=trainer.byte_fallback, dropout=None)
     backend = Tokenizer(model)
     backend.normalizer = _normalizer(spec)
@@ -110,7 +109,7 @@ def backend_from_proto(proto):
     if spec.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
-    specials = [p.piece for p in proto.pieces if p.type in (Piece.UNKNOWN, Piece.CONTROL)]
+    specials = [text for text, kind, _ in pieces if kind in (Piece.UNKNOWN, Piece.CONTROL)]
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return backend
 
@@ -238,13 +237,11 @@ def _settings(directory, proto):
     if os.path.isfile(template_file):
         with open(template_file, encoding="utf-8") as f:
             kwargs["chat_template"] = f.read()
-    pieces = {p.piece: p.type for p in proto.pieces}
-    for key, default in (("unk_token", Piece.UNKNOWN), ("bos_token", Piece.CONTROL), ("eos_token", Piece.CONTROL)):
-        if key not in kwargs:   # LLaMA's: the proto's unknown piece, <s>, </s>
-            if key == "unk_token":
-                kwargs[key] = next((p for p, t in pieces.items() if t == default), None)
-            else:
-                kwargs[key] = proto.trainer_spec.bos_piece if key == "bos_token" else proto.trainer_spec.eos_piece
+    # LLaMA's defaults: the proto's (first) unknown piece, <s>, </s>
+    if "unk_token" not in kwargs:
+        kwargs["unk_token"] = next((p.piece for p in proto.pieces if p.type == Piece.UNKNOWN), None)
+    kwargs.setdefault("bos_token", proto.trainer_spec.bos_piece)
+    kwargs.setdefault("eos_token", proto.trainer_spec.eos_piece)
     kwargs.setdefault("add_bos_token", True)
     kwargs.setdefault("add_eos_token", False)
     kwargs.setdefault("padding_side", "left")   # LlamaTokenizer's

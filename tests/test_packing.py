@@ -52,6 +52,18 @@ def test_rows_hold_every_sample_whole_once_in_as_few_rows_as_best_fit():
     assert spread >= 4
 
 
+def test_reused_lists_give_the_same_rows_without_copying_the_first_sample():
+    """pack_samples(reuse_lists=True) (convert_data's: it has no further use for the samples) builds each
+    row in its first sample's own lists: the same rows as copies would give."""
+    samples = random_samples(random.Random(3), 300, 1024)
+    copied = packing.pack_samples(samples, 1024, pad_token_id=0)
+    owned = [(list(ids), list(labels)) for ids, labels in samples]
+    reused = packing.pack_samples(owned, 1024, pad_token_id=0, reuse_lists=True)
+    assert reused == copied
+    firsts = {id(ids) for ids, _ in owned} & {id(row) for row in reused["input_ids"]}
+    assert len(firsts) == len(reused["input_ids"])     # every row is one of the samples' lists
+
+
 def test_full_data_falls_back_to_best_fit_rows():
     """Samples that fill their rows completely cannot be spread: the best-fit rows are kept."""
     samples = [([5] * n, [5] * n) for n in (60, 40, 70, 30, 100, 100)]
