@@ -463,8 +463,13 @@ def test_the_engine_process_ends_with_the_server_and_its_loss_is_told(demo_run, 
     import openai
 
     ports = [free_port(), free_port()]
-    servers = [Process(demo_command(demo_data, demo_run[2], "--port", str(port), script="code/api_server.py"),
-                       str(tmp_path / f"server{port}.log"), f"http://127.0.0.1:{port}/health") for port in ports]
+
+    def start(port):
+        return Process(demo_command(demo_data, demo_run[2], "--port", str(port), script="code/api_server.py"),
+                       str(tmp_path / f"server{port}.log"), f"http://127.0.0.1:{port}/health")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:   # both start at once
+        servers = list(pool.map(start, ports))
     try:
         engines = [engine_pid(server.proc.pid) for server in servers]
         # the first: its engine dies in the middle of an answer
@@ -534,12 +539,12 @@ def test_cli_errors(model_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 SLOW_TOKENS = """
 import time
-import api_queue
-_advance = api_queue.Batcher._advance
-def slow(self, rid, run, out):   # {delay}s per token handed to the page, so that it shows the answer growing
+import transformers
+_forward = transformers.LlamaForCausalLM.forward
+def slow(self, *args, **kwargs):   # {delay}s per forward pass (a slow model), so that the page shows the answer growing
     time.sleep({delay})
-    _advance(self, rid, run, out)
-api_queue.Batcher._advance = slow
+    return _forward(self, *args, **kwargs)
+transformers.LlamaForCausalLM.forward = slow
 """
 
 
