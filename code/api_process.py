@@ -44,9 +44,9 @@ from data_io import DataError
 # the engine's process
 # ----------------------------------------------------------------------------------------------
 class _Sender:
-    """Messages up the pipe, from any thread (the batch's dispatcher, the one-at-a-time worker, the
-    pipe reader).  Job events go as lists: within a ``round()`` (the dispatcher's, see
-    api_queue.Batcher) a thread's events are held and sent in one message."""
+    """JSON messages into a pipe from any thread; on the engine's side job events go as lists: within
+    a ``round()`` (the dispatcher's, see api_queue.Batcher) a thread's events are held and sent in one
+    message.  A message to a process that is gone is dropped."""
 
     def __init__(self, conn):
         self.conn, self.lock, self.held = conn, threading.Lock(), threading.local()
@@ -56,7 +56,7 @@ class _Sender:
         with self.lock:
             try:
                 self.conn.send_bytes(data)
-            except OSError:   # the server is gone: this process is about to end too
+            except OSError:   # the other side is gone (its end is handled where the pipe is read)
                 pass
 
     def event(self, event):
@@ -190,18 +190,21 @@ class ProcessEngine:
         self.check_room = self.room.check_room
         self.jobs, self.ids = {}, itertools.count()
         self.streaming = set()   # ids of the jobs whose text has begun
-        self.send_lock, self.lost, self.closing = threading.Lock(), None, False
+        self.send = _Sender(self.conn)   # (a message to a dead process is dropped: the reader fails its jobs)
+        self.lost, self.closing = None, False
         threading.Thread(target=self._read, name="cutegpt-engine-events", daemon=True).start()
 
     def _started(self):
         """The engine's ready message, or DataError when it failed or died while loading."""
-        while not self.conn.poll(0.5):
-            if not self.process.is_alive():
-                raise DataError(f"the model process stopped while loading (exit code {self.process.exitcode}); "
-                                f"its messages are above")
-        try:
-            message = json.loads(self.conn.recv_bytes())
-        except (EOFError, OSError):
+        message = None
+        while self.process.is_alive() or self.conn.poll():
+            if self.conn.poll(0.5):
+                try:
+                    message = json.loads(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    pass
+                break
+        if message is None:
             self.process.join(5)
             raise DataError(f"the model process stopped while loading (exit code {self.process.exitcode}); "
                             f"its messages are above")
@@ -209,11 +212,6 @@ class ProcessEngine:
             self.process.join(10)
             raise DataError(message["failed"])
         return message["ready"]
-
-    def _send(self, message):
-        data = json.dumps(message, ensure_ascii=False).encode()
-        with self.send_lock:
-            self.conn.send_bytes(data)
 
     def submit(self, job):
         self.room.accept(job)
@@ -224,19 +222,13 @@ class ProcessEngine:
         if lost is not None:
             self._end(job, "failed", EngineError(lost))
             return
-        try:
-            self._send({"op": "submit", "id": ident, "input_ids": list(job.prepared.input_ids),
+        self.send.send({"op": "submit", "id": ident, "input_ids": list(job.prepared.input_ids),
                         "query": job.prepared.query, "request": asdict(job.request)})
-        except OSError:   # the process has just died: the reader fails the job
-            return
         job.on_cancel(lambda: self._cancel(ident))
 
     def _cancel(self, ident):
         if ident in self.jobs:
-            try:
-                self._send({"op": "cancel", "id": ident})
-            except OSError:
-                pass
+            self.send.send({"op": "cancel", "id": ident})
 
     def _end(self, job, key, event):
         self.room.ended(job, key)
@@ -289,10 +281,7 @@ class ProcessEngine:
         if self.closing:
             return
         self.closing = True
-        try:
-            self._send({"op": "close"})
-        except OSError:
-            pass
+        self.send.send({"op": "close"})
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
